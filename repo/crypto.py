@@ -1,0 +1,212 @@
+"""Key material and the blob envelope: keyed chunk ids, compression, authenticated encryption.
+
+A 64-byte master key is generated per repository and stored wrapped by a passphrase through scrypt
+(memory-hard). Purpose keys are derived from it with BLAKE3's key-derivation mode, each with its own
+context string, so that the id key, the encryption key and the chunker seed never coincide.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import zstandard
+from Crypto.Cipher import AES
+from Crypto.Protocol.KDF import scrypt
+
+from . import format as fmt
+from .errors import IntegrityError, InvalidArgument, WrongPassphrase
+
+ENCRYPTIONS = ("aes-256-gcm", "none")
+
+# Production scrypt cost: N=2^17, r=8 (128 MiB, ~0.4 s here). Tests may weaken it explicitly.
+SCRYPT_N = 1 << 17
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+
+def _kdf_n() -> int:
+    return 1 << 10 if os.environ.get("IHB_TESTONLY_WEAK_KDF") == "1" else SCRYPT_N
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s.encode())
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    master: bytes
+    encryption: str
+
+    @classmethod
+    def generate(cls, encryption: str) -> KeyMaterial:
+        if encryption not in ENCRYPTIONS:
+            raise InvalidArgument(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
+        return cls(os.urandom(64), encryption)
+
+    def derive(self, context: str, length: int = 32) -> bytes:
+        h = blake3.blake3(derive_key_context=f"ihb 2026 v1 {context}")  # type: ignore[call-arg]
+        h.update(self.master)
+        return h.digest(length)
+
+    # Serialisation of the key file (§4.1).
+    def wrap(self, passphrase: bytes | None) -> bytes:
+        if self.encryption == "none":
+            doc: dict[str, Any] = {"version": 1, "kdf": "none", "encryption": "none", "master": _b64(self.master)}
+        else:
+            if not passphrase:
+                raise InvalidArgument("an encrypted repository needs a non-empty passphrase")
+            salt = os.urandom(16)
+            n = _kdf_n()
+            kek = scrypt(passphrase, salt, 32, N=n, r=SCRYPT_R, p=SCRYPT_P)  # type: ignore[arg-type]
+            nonce = os.urandom(fmt.NONCE_LEN)
+            c = AES.new(kek, AES.MODE_GCM, nonce=nonce)  # type: ignore[arg-type]
+            c.update(b"ihb1-keyfile")
+            ct, tag = c.encrypt_and_digest(self.master)
+            doc = {
+                "version": 1,
+                "kdf": "scrypt",
+                "n": n,
+                "r": SCRYPT_R,
+                "p": SCRYPT_P,
+                "salt": _b64(salt),
+                "encryption": self.encryption,
+                "nonce": _b64(nonce),
+                "wrapped": _b64(ct),
+                "tag": _b64(tag),
+            }
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+    @classmethod
+    def unwrap(cls, data: bytes, passphrase: bytes | None) -> KeyMaterial:
+        try:
+            doc = json.loads(data)
+            kdf = doc["kdf"]
+            if kdf == "none":
+                return cls(_unb64(doc["master"]), "none")
+            if kdf != "scrypt":
+                raise IntegrityError(f"key file uses unknown KDF {kdf!r}")
+            salt, nonce, ct, tag = (_unb64(doc[k]) for k in ("salt", "nonce", "wrapped", "tag"))
+            n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
+            encryption = doc["encryption"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"the key file is damaged ({e}); import a saved key with `ihb key import`") from e
+        if passphrase is None:
+            from .errors import PassphraseRequired
+
+            raise PassphraseRequired()
+        kek = scrypt(passphrase, salt, 32, N=n, r=r, p=p)  # type: ignore[arg-type]
+        c = AES.new(kek, AES.MODE_GCM, nonce=nonce)  # type: ignore[arg-type]
+        c.update(b"ihb1-keyfile")
+        try:
+            master = c.decrypt_and_verify(ct, tag)
+        except ValueError:
+            raise WrongPassphrase() from None
+        return cls(master, encryption)
+
+
+_tls = threading.local()
+
+
+def _zc(level: int) -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread and level.
+    cs = getattr(_tls, "zc", None)
+    if cs is None:
+        cs = _tls.zc = {}
+    c = cs.get(level)
+    if c is None:
+        c = cs[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+class Envelope:
+    """Turns plaintext blobs into stored bytes and back (§3.3, §4).
+
+    Thread-safe: workers call ``seal``/``open`` concurrently; the C code (BLAKE3, zstd, AES) releases
+    the GIL so both cores work.
+    """
+
+    def __init__(self, key: KeyMaterial, compression_level: int = 3) -> None:
+        self.encryption = key.encryption
+        self._id_key = key.derive("chunk id")
+        self._enc_key = key.derive("aead")
+        self._check_key = key.derive("plaintext check")
+        self.chunker_seed = int.from_bytes(key.derive("chunker seed", 8), "little") & 0x7FFF_FFFF_FFFF_FFFF
+        self.level = compression_level
+
+    def chunk_id(self, data: bytes | memoryview) -> fmt.ChunkId:
+        return fmt.ChunkId(blake3.blake3(data, key=self._id_key).digest())
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        """Compression byte + payload; data that zstd cannot shrink by 3% is stored raw."""
+        if self.level > 0 and len(data) > 64:
+            z = _zc(self.level).compress(data)
+            if len(z) < len(data) - len(data) // 32:
+                return bytes((fmt.Compression.ZSTD,)) + z
+        return bytes((fmt.Compression.NONE,)) + bytes(data)
+
+    def seal(self, kind: int, obj_id: bytes, body: bytes) -> bytes:
+        """Encrypt (or checksum) an already compressed body."""
+        aad = fmt.AAD_PREFIX + bytes((kind,)) + obj_id
+        if self.encryption == "none":
+            return body + blake3.blake3(aad + body, key=self._check_key).digest(fmt.PLAIN_CHECK_LEN)
+        nonce = os.urandom(fmt.NONCE_LEN)
+        c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
+        c.update(aad)
+        ct, tag = c.encrypt_and_digest(body)
+        return nonce + ct + tag
+
+    def open(self, kind: int, obj_id: bytes, stored: bytes | memoryview) -> bytes:
+        """Authenticate, decrypt and decompress; raises IntegrityError on any mismatch."""
+        aad = fmt.AAD_PREFIX + bytes((kind,)) + obj_id
+        if self.encryption == "none":
+            body = bytes(stored[: -fmt.PLAIN_CHECK_LEN])
+            check = bytes(stored[-fmt.PLAIN_CHECK_LEN :])
+            if blake3.blake3(aad + body, key=self._check_key).digest(fmt.PLAIN_CHECK_LEN) != check:
+                raise IntegrityError(f"blob {obj_id.hex()[:16]} failed its checksum (damaged data)")
+        else:
+            if len(stored) < fmt.NONCE_LEN + fmt.TAG_LEN + 1:
+                raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
+            nonce = bytes(stored[: fmt.NONCE_LEN])
+            c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
+            c.update(aad)
+            try:
+                body = c.decrypt_and_verify(stored[fmt.NONCE_LEN : -fmt.TAG_LEN], stored[-fmt.TAG_LEN :])
+            except ValueError:
+                raise IntegrityError(
+                    f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)"
+                ) from None
+        return self.decompress(body, obj_id)
+
+    @staticmethod
+    def decompress(body: bytes, obj_id: bytes = b"") -> bytes:
+        if not body:
+            raise IntegrityError(f"blob {obj_id.hex()[:16]} is empty")
+        ctype = body[0]
+        if ctype == fmt.Compression.NONE:
+            return body[1:]
+        if ctype == fmt.Compression.ZSTD:
+            try:
+                return _zd().decompress(memoryview(body)[1:])
+            except zstandard.ZstdError as e:
+                raise IntegrityError(f"blob {obj_id.hex()[:16]} does not decompress: {e}") from None
+        raise IntegrityError(f"blob {obj_id.hex()[:16]} has unknown compression {ctype}")
+
+    def pack_blob(self, kind: int, obj_id: bytes, plaintext: bytes | memoryview) -> bytes:
+        return self.seal(kind, obj_id, self.compress(plaintext))

@@ -1,0 +1,435 @@
+"""The repository: opens storage, key and index, stores and fetches blobs, and records restore points.
+
+Write ordering (docs/format.md §8): a pack is durable in storage before the index names it; every
+blob a snapshot references is durable before the snapshot object is written; the snapshot object
+is the commit point. Readers trust the snapshot objects and packs, never the index alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from . import format as fmt
+from .crypto import Envelope, KeyMaterial
+from .errors import (
+    ChunkMissing,
+    IntegrityError,
+    InvalidArgument,
+    RepositoryExists,
+    RepositoryLocked,
+    SnapshotNotFound,
+    UnsupportedFormat,
+)
+from .index import Index
+from .pack import BlobLoc, PackWriter, read_trailer
+from .snapshot import Snapshot
+from .storage import LocalStorage, Storage
+
+log = logging.getLogger(__name__)
+
+PassphraseSource = Callable[[], bytes | None]
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The plaintext ``config`` object (§2.1)."""
+
+    format_version: int
+    repo_id: str
+    encryption: str
+    compression_level: int
+    cdc_min: int
+    cdc_avg: int
+    cdc_max: int
+    image_chunk_size: int
+    pack_size: int
+    key_check: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> RepoConfig:
+        try:
+            doc = json.loads(data)
+            version = int(doc["format_version"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"the repository config at {where} is damaged: {e}") from None
+        if version not in fmt.SUPPORTED_VERSIONS:
+            newest = max(fmt.SUPPORTED_VERSIONS)
+            raise UnsupportedFormat(
+                f"repository {where} uses format version {version}, this ihb reads up to {newest}; upgrade ihb"
+            )
+        try:
+            return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        except KeyError as e:
+            raise IntegrityError(f"the repository config at {where} lacks {e}") from None
+
+
+def default_cache_root() -> str:
+    env = os.environ.get("IHB_CACHE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/cache/ihb"
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ihb")
+
+
+class _Lock:
+    """flock(2) on the repository's lock file: shared for backups and reads, exclusive for prune, GC and
+    repair. The kernel drops it when the holder dies (kill -9 included), so a stale lock cannot exist
+    on a local repository."""
+
+    def __init__(self, path: str, exclusive: bool, wait: float) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, op | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    what = "an exclusive" if exclusive else "a shared"
+                    raise RepositoryLocked(
+                        f"cannot take {what} lock on {path}: another ihb process (prune, gc, repair or a backup) "
+                        "is using the repository; retry when it has finished"
+                    ) from None
+                time.sleep(0.1)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Repository:
+    def __init__(
+        self, storage: Storage, config: RepoConfig, key: KeyMaterial, index: Index, lock: _Lock | None
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.key = key
+        self.envelope = Envelope(key, config.compression_level)
+        self.index = index
+        self._lock = lock
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    @staticmethod
+    def storage_for(location: str) -> LocalStorage:
+        return LocalStorage(location)
+
+    @classmethod
+    def init(
+        cls,
+        location: str,
+        passphrase: bytes | None,
+        encryption: str = "aes-256-gcm",
+        compression_level: int = 3,
+        pack_size: int = fmt.DEFAULT_PACK_SIZE,
+        image_chunk_size: int = fmt.DEFAULT_IMAGE_CHUNK,
+    ) -> None:
+        storage = cls.storage_for(location)
+        if storage.exists(fmt.CONFIG_NAME):
+            raise RepositoryExists(f"a repository already exists at {location}")
+        if image_chunk_size < 4096 or image_chunk_size & (image_chunk_size - 1):
+            raise InvalidArgument("--image-chunk-size must be a power of two of at least 4096")
+        if not 0 <= compression_level <= 22:
+            raise InvalidArgument("--compression must be a zstd level from 0 (off) to 22")
+        os.makedirs(location, mode=0o700, exist_ok=True)
+        if os.listdir(location):
+            raise RepositoryExists(f"{location} is not empty; choose an empty or new directory")
+        key = KeyMaterial.generate(encryption)
+        env = Envelope(key)
+        check = env.pack_blob(fmt.BlobKind.KEY, b"key-check", b"ihb key check")
+        config = RepoConfig(
+            format_version=fmt.FORMAT_VERSION,
+            repo_id=os.urandom(16).hex(),
+            encryption=encryption,
+            compression_level=compression_level,
+            cdc_min=fmt.DEFAULT_CDC_MIN,
+            cdc_avg=fmt.DEFAULT_CDC_AVG,
+            cdc_max=fmt.DEFAULT_CDC_MAX,
+            image_chunk_size=image_chunk_size,
+            pack_size=pack_size,
+            key_check=check.hex(),
+        )
+        storage.put_bytes(fmt.KEY_NAME, key.wrap(passphrase))
+        for d in ("data", "snapshots"):
+            os.makedirs(os.path.join(location, d), exist_ok=True)
+        # The config is written last: its presence marks a complete repository.
+        storage.put_bytes(fmt.CONFIG_NAME, config.to_json())
+
+    @classmethod
+    def open(
+        cls,
+        location: str,
+        passphrase: PassphraseSource = lambda: None,
+        *,
+        exclusive: bool = False,
+        lock: bool = True,
+        lock_wait: float = 5.0,
+        cache_dir: str | None = None,
+    ) -> Repository:
+        storage = cls.storage_for(location)
+        storage.check_exists()
+        config = RepoConfig.from_json(storage.get(fmt.CONFIG_NAME), location)
+        key_doc = storage.get(fmt.KEY_NAME)
+        key = KeyMaterial.unwrap(key_doc, None if b'"kdf": "none"' in key_doc else passphrase())
+        cls._verify_key(key, config)
+        lk = _Lock(os.path.join(storage.root, fmt.LOCK_NAME), exclusive, lock_wait) if lock else None
+        index_dir = os.path.join(cache_dir or default_cache_root(), config.repo_id, "index")
+        try:
+            index = Index(index_dir, config.repo_id)
+        except lmdb_errors() as e:
+            if lk:
+                lk.release()
+            raise IntegrityError(f"the index at {index_dir} cannot be opened ({e}); run `ihb check --repair`") from e
+        repo = cls(storage, config, key, index, lk)
+        repo.sync_index()
+        return repo
+
+    @staticmethod
+    def _verify_key(key: KeyMaterial, config: RepoConfig) -> None:
+        try:
+            Envelope(key).open(fmt.BlobKind.KEY, b"key-check", bytes.fromhex(config.key_check))
+        except IntegrityError:
+            raise IntegrityError("the key does not belong to this repository (key check failed)") from None
+
+    def close(self) -> None:
+        self.index.close()
+        if isinstance(self.storage, LocalStorage):
+            self.storage.close()
+        if self._lock:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- index reconciliation --------------------------------------------------------------------------
+    def sync_index(self) -> tuple[int, int]:
+        """Bring the index in line with storage: enter packs and snapshots it does not know (written by a
+        crashed or concurrent writer, or by another appliance), forget ones that are gone."""
+        known = self.index.packs()
+        on_disk: set[bytes] = set()
+        added = 0
+        for name in self.storage.list(fmt.DATA_PREFIX):
+            pid = fmt.pack_id_from_name(name)
+            if pid is None:
+                continue
+            on_disk.add(pid)
+            if pid not in known:
+                try:
+                    entries = read_trailer(self.storage, self.envelope, name)
+                except IntegrityError as e:
+                    log.error("skipping damaged pack: %s", e)
+                    continue
+                self.index.add_pack(pid, self.storage.size(name), entries)
+                added += 1
+        for pid in set(known) - on_disk:
+            self.index.remove_pack(pid)
+        snaps_known = {sid for sid, _ in self.index.snapshot_records()}
+        snaps_disk = set()
+        for name in self.storage.list(fmt.SNAPSHOT_PREFIX):
+            sid = name.rsplit("/", 1)[-1]
+            snaps_disk.add(sid)
+            if sid not in snaps_known:
+                try:
+                    snap = self._read_snapshot_object(sid)
+                except IntegrityError as e:
+                    log.error("skipping damaged restore point %s: %s", sid[:12], e)
+                    continue
+                self.index.put_snapshot(sid, snap.to_record())
+                added += 1
+        for sid in snaps_known - snaps_disk:
+            self.index.delete_snapshot(sid)
+        return added, len(set(known) - on_disk) + len(snaps_known - snaps_disk)
+
+    # --- blobs ---------------------------------------------------------------------------------------
+    def chunk_id(self, data: bytes | memoryview) -> fmt.ChunkId:
+        return self.envelope.chunk_id(data)
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        return self.index.get_chunk(blob_id) is not None
+
+    def read_stored(self, loc: BlobLoc) -> bytes:
+        return self.storage.get(fmt.pack_name(loc.pack), loc.offset, loc.length)
+
+    def get_blob(self, kind: int, blob_id: bytes) -> bytes:
+        loc = self.index.get_chunk(blob_id)
+        if loc is None:
+            raise ChunkMissing(f"chunk {blob_id.hex()[:16]} is missing from the repository; run `ihb check`")
+        try:
+            stored = self.read_stored(loc)
+        except FileNotFoundError:
+            raise ChunkMissing(
+                f"pack {loc.pack.hex()[:16]} holding chunk {blob_id.hex()[:16]} is missing; run `ihb check --repair`"
+            ) from None
+        data = self.envelope.open(loc.kind, blob_id, stored)
+        if len(data) != loc.raw_len:
+            raise IntegrityError(f"chunk {blob_id.hex()[:16]} has the wrong length")
+        return data
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    # --- snapshots -----------------------------------------------------------------------------------
+    def _read_snapshot_object(self, sid: str) -> Snapshot:
+        raw = self.storage.get(fmt.SNAPSHOT_PREFIX + sid)
+        plain = self.envelope.open(fmt.BlobKind.SNAPSHOT, bytes.fromhex(sid), raw)
+        return Snapshot.from_plain(sid, plain)
+
+    def store_snapshot(self, snap: Snapshot) -> Snapshot:
+        """The commit point of a backup: all referenced blobs must already be durable."""
+        plain = snap.to_plain()
+        sid = self.envelope.chunk_id(plain).hex()
+        obj = self.envelope.pack_blob(fmt.BlobKind.SNAPSHOT, bytes.fromhex(sid), plain)
+        self.storage.put_bytes(fmt.SNAPSHOT_PREFIX + sid, obj)
+        stored = Snapshot.from_plain(sid, plain)
+        self.index.put_snapshot(sid, stored.to_record())
+        return stored
+
+    def snapshots(self) -> list[Snapshot]:
+        snaps = [Snapshot.from_record(sid, rec) for sid, rec in self.index.snapshot_records()]
+        snaps.sort(key=lambda s: (s.time_ns, s.id))
+        return snaps
+
+    def get_snapshot(self, ref: str) -> Snapshot:
+        """Find a restore point by id prefix (at least 4 hex digits) or `latest`/`HOST@latest`."""
+        snaps = self.snapshots()
+        if ref == "latest" or ref.endswith("@latest"):
+            host = ref[:-7] if ref.endswith("@latest") else None
+            cand = [s for s in snaps if host is None or host in (s.host, s.vm)]
+            if not cand:
+                raise SnapshotNotFound(f"no restore point matches {ref!r}; list them with `ihb snapshots`")
+            return cand[-1]
+        if len(ref) < 4:
+            raise SnapshotNotFound(f"restore point id {ref!r} is too short; give at least 4 hex digits")
+        matches = [s for s in snaps if s.id.startswith(ref.lower())]
+        if not matches:
+            raise SnapshotNotFound(f"no restore point {ref!r}; list them with `ihb snapshots`")
+        if len(matches) > 1:
+            raise SnapshotNotFound(f"restore point id {ref!r} is ambiguous; give more digits")
+        return matches[0]
+
+    def load_snapshot(self, sid: str) -> Snapshot:
+        return self._read_snapshot_object(sid)
+
+    def delete_snapshot(self, sid: str) -> None:
+        self.storage.delete(fmt.SNAPSHOT_PREFIX + sid)
+        self.index.delete_snapshot(sid)
+
+
+def lmdb_errors() -> tuple[type[BaseException], ...]:
+    import lmdb
+
+    return (lmdb.Error,)
+
+
+class BlobWriter:
+    """Deduplicating writer for one backup session, safe for concurrent ``add`` from worker threads.
+
+    Hashing, compression and encryption run outside the lock (the C code releases the GIL); only the
+    append to the pack file is serialised. Files-cache rows queued with ``defer_files_row`` are committed
+    together with the next pack, because they are only valid once their chunks are durable.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.env = repo.envelope
+        self._lock = threading.Lock()
+        self._pack: PackWriter | None = None
+        self._pending: set[bytes] = set()  # ids appended to the open pack or being sealed
+        self._files_rows: list[tuple[bytes, bytes]] = []
+        self.stats = {"chunks": 0, "new_chunks": 0, "bytes": 0, "new_bytes": 0, "stored_bytes": 0}
+        self.closed = False
+
+    def add(self, kind: int, data: bytes | memoryview, blob_id: bytes | None = None) -> bytes:
+        if blob_id is None:
+            blob_id = self.env.chunk_id(data)
+        n = len(data)
+        with self._lock:
+            self.stats["chunks"] += 1
+            self.stats["bytes"] += n
+            if blob_id in self._pending or self.repo.index.get_chunk(blob_id) is not None:
+                return blob_id
+            self._pending.add(blob_id)
+        try:
+            stored = self.env.pack_blob(kind, blob_id, data)
+        except BaseException:
+            with self._lock:
+                self._pending.discard(blob_id)
+            raise
+        with self._lock:
+            if self._pack is None:
+                self._pack = PackWriter(self.repo.storage, self.env)
+            self._pack.append(kind, blob_id, stored, n)
+            self.stats["new_chunks"] += 1
+            self.stats["new_bytes"] += n
+            self.stats["stored_bytes"] += len(stored)
+            if self._pack.size >= self.repo.config.pack_size:
+                self._flush_locked()
+        return blob_id
+
+    def count_reused(self, content: list[list[Any]]) -> None:
+        """Account for chunks reused through the files cache (never read, never hashed)."""
+        with self._lock:
+            for cid, ln in content:
+                if cid is not None:
+                    self.stats["chunks"] += 1
+                    self.stats["bytes"] += ln
+
+    def defer_files_row(self, key: bytes, value: bytes) -> None:
+        with self._lock:
+            self._files_rows.append((key, value))
+
+    def _flush_locked(self) -> None:
+        pack, self._pack = self._pack, None
+        rows, self._files_rows = self._files_rows, []
+        if pack is None:
+            self.repo.index.put_files(rows)
+            return
+        entries = pack.finish()
+        self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
+        self._pending.difference_update(bid for bid, _ in entries)
+
+    def flush(self) -> None:
+        """Make every blob added so far durable and indexed."""
+        with self._lock:
+            self._flush_locked()
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._pack is not None:
+                self._pack.abort()
+                self._pack = None
+            self._pending.clear()
+            self._files_rows.clear()
+        self.closed = True
+
+
+def iter_all_blob_ids(repo: Repository) -> Iterator[bytes]:
+    for bid, _ in repo.index.iter_chunks():
+        yield bid
+
+
+def pack_record(size: int, count: int) -> bytes:
+    return msgpack.packb([size, count])
