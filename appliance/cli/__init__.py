@@ -51,7 +51,13 @@ def cli(debug: bool, verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import backup_cmd, repo_cmds, restore_cmd, snapshot_cmds  # noqa: F401
+    """Import every ``*_cmd.py``/``*_cmds.py`` module beside this one; each adds its commands to ``cli``."""
+    import importlib
+    import pkgutil
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if mod.endswith(("_cmd", "_cmds")):
+            importlib.import_module(f"{__name__}.{mod}")
 
 
 _register()

@@ -1,0 +1,230 @@
+"""Disk images as fixed-size chunk maps: full images, changed extents over a previous restore point,
+and random reads of any byte range.
+
+A disk's map has one entry per ``chunk_size`` block: a chunk id, or None for a block that reads as
+zeros (never stored). Entries are grouped in pages of IMAGE_MAP_PAGE, stored as IMAGE_MAP blobs; an
+incremental backup rewrites only the pages it touches, the others keep their ids (and dedup).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Any
+
+import msgpack
+
+from . import format as fmt
+from .errors import IntegrityError, InvalidArgument
+from .reader import ChunkSource
+from .repository import BlobWriter, Repository
+from .snapshot import DiskRecord
+from .workers import Pipeline
+
+PAGE = fmt.IMAGE_MAP_PAGE
+
+
+def load_page(repo: Repository, page_id: bytes | None) -> list[bytes | None]:
+    if page_id is None:
+        return [None] * PAGE
+    entries = msgpack.unpackb(repo.get_blob(fmt.BlobKind.IMAGE_MAP, page_id))
+    if not isinstance(entries, list) or len(entries) != PAGE:
+        raise IntegrityError(f"image map page {page_id.hex()[:16]} is malformed")
+    return entries
+
+
+class ImageWriter:
+    """Writes one disk. Extents must arrive in increasing, non-overlapping offset order (a full copy, or
+    the dirty extents of a bitmap), which keeps one page and one chunk buffer in memory at a time."""
+
+    def __init__(self, repo: Repository, writer: BlobWriter, pipe: Pipeline, name: str, size: int,
+                 base: DiskRecord | None = None, chunk_size: int | None = None) -> None:
+        self.repo, self.writer, self.pipe = repo, writer, pipe
+        self.name, self.size = name, size
+        self.cs = base.chunk_size if base is not None else (chunk_size or repo.config.image_chunk_size)
+        if base is not None and chunk_size and chunk_size != base.chunk_size:
+            raise InvalidArgument("an incremental must use its base's chunk size")
+        self.nchunks = (size + self.cs - 1) // self.cs
+        npages = (self.nchunks + PAGE - 1) // PAGE
+        base_pages = list(base.pages) if base is not None else []
+        if base is not None and base.size != size:
+            # A resized disk: keep what overlaps, the rest reads as zeros until written.
+            base_pages = base_pages[:npages]
+        self.pages: list[Any] = base_pages + [None] * (npages - len(base_pages))
+        self._page_no = -1
+        self._page: list[Any] = []
+        self._page_dirty = False
+        self._chunk_no = -1
+        self._buf: bytearray | None = None
+        self._zero = bytes(self.cs)
+        self._pos = 0
+        self.stats = {"written": 0, "zero_chunks": 0, "data_chunks": 0, "base_reads": 0}
+
+    # --- pages ------------------------------------------------------------------------------------------
+    def _goto_page(self, pno: int) -> None:
+        if pno == self._page_no:
+            return
+        self._seal_page()
+        self._page_no = pno
+        self._page = load_page(self.repo, self.pages[pno])
+        self._page_dirty = False
+
+    def _seal_page(self) -> None:
+        if self._page_no < 0 or not self._page_dirty:
+            return
+        entries = [e.result() if isinstance(e, Future) else e for e in self._page]
+        if all(e is None for e in entries):
+            self.pages[self._page_no] = None
+        else:
+            self.pages[self._page_no] = self.writer.add(fmt.BlobKind.IMAGE_MAP, msgpack.packb(entries))
+        self._page_dirty = False
+
+    def _set(self, idx: int, entry: Any) -> None:
+        self._goto_page(idx // PAGE)
+        self._page[idx % PAGE] = entry
+        self._page_dirty = True
+
+    def _get(self, idx: int) -> bytes | None:
+        self._goto_page(idx // PAGE)
+        e = self._page[idx % PAGE]
+        return e.result() if isinstance(e, Future) else e
+
+    # --- chunks -----------------------------------------------------------------------------------------
+    def _chunk_len(self, idx: int) -> int:
+        return min(self.cs, self.size - idx * self.cs)
+
+    def _store(self, idx: int, data: bytes) -> None:
+        if data == self._zero[: len(data)]:
+            self.stats["zero_chunks"] += 1
+            self._set(idx, None)
+        else:
+            self.stats["data_chunks"] += 1
+            self._set(idx, self.pipe.submit(self.writer.add, fmt.BlobKind.DATA, data))
+
+    def _flush_chunk(self) -> None:
+        if self._buf is not None:
+            self._store(self._chunk_no, bytes(self._buf))
+        self._buf = None
+        self._chunk_no = -1
+
+    def _buffer_for(self, idx: int) -> bytearray:
+        if self._chunk_no != idx:
+            self._flush_chunk()
+            self._chunk_no = idx
+            old = self._get(idx)
+            if old is None:
+                self._buf = bytearray(self._chunk_len(idx))
+            else:
+                self.stats["base_reads"] += 1
+                self._buf = bytearray(self.repo.get_blob(fmt.BlobKind.DATA, old))
+        assert self._buf is not None
+        return self._buf
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        if offset < self._pos:
+            raise InvalidArgument(f"image extents must be written in order ({offset} < {self._pos})")
+        if offset + len(data) > self.size:
+            raise InvalidArgument(f"write past the end of disk {self.name} ({offset + len(data)} > {self.size})")
+        mv = memoryview(data)
+        self.stats["written"] += len(mv)
+        pos = offset
+        while mv:
+            idx, within = divmod(pos, self.cs)
+            clen = self._chunk_len(idx)
+            n = min(clen - within, len(mv))
+            if within == 0 and n == clen and self._chunk_no != idx:
+                self._flush_chunk()
+                self._store(idx, bytes(mv[:n]))
+            else:
+                buf = self._buffer_for(idx)
+                buf[within : within + n] = mv[:n]
+                if within + n == clen:
+                    self._flush_chunk()
+            mv = mv[n:]
+            pos += n
+        self._pos = pos
+
+    def zero(self, offset: int, length: int) -> None:
+        """Mark a range as reading zeros (a hole, discarded, or free in the guest filesystem)."""
+        end = min(offset + length, self.size)
+        pos = offset
+        while pos < end:
+            idx, within = divmod(pos, self.cs)
+            clen = self._chunk_len(idx)
+            n = min(clen - within, end - pos)
+            if within == 0 and n == clen and self._chunk_no != idx:
+                self._flush_chunk()
+                self._set(idx, None)
+                self.stats["zero_chunks"] += 1
+            else:
+                self.write(pos, self._zero[:n])
+            pos += n
+        self._pos = max(self._pos, end)
+
+    def finish(self) -> DiskRecord:
+        self._flush_chunk()
+        self._seal_page()
+        return DiskRecord(self.name, self.size, self.cs, list(self.pages), dict(self.stats))
+
+
+class ImageReader:
+    """Random reads of a stored disk: offset // chunk_size gives the chunk, no scanning."""
+
+    def __init__(self, repo: Repository, disk: DiskRecord, source: ChunkSource | None = None) -> None:
+        self.repo = repo
+        self.disk = disk
+        self.size = disk.size
+        self.cs = disk.chunk_size
+        self.source = source or ChunkSource(repo)
+        self._pages: OrderedDict[int, list[bytes | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def entry(self, idx: int) -> bytes | None:
+        pno = idx // PAGE
+        with self._lock:
+            page = self._pages.get(pno)
+            if page is not None:
+                self._pages.move_to_end(pno)
+        if page is None:
+            pid = self.disk.pages[pno] if pno < len(self.disk.pages) else None
+            page = load_page(self.repo, pid)
+            with self._lock:
+                self._pages[pno] = page
+                while len(self._pages) > 64:
+                    self._pages.popitem(last=False)
+        return page[idx % PAGE]
+
+    def read_chunk(self, idx: int) -> bytes | None:
+        """Plaintext of block ``idx``, or None if it reads as zeros."""
+        cid = self.entry(idx)
+        return None if cid is None else self.source.get(cid)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= self.size or size <= 0:
+            return b""
+        end = min(self.size, offset + size)
+        out = []
+        pos = offset
+        while pos < end:
+            idx, within = divmod(pos, self.cs)
+            n = min(self.cs - within, end - pos)
+            data = self.read_chunk(idx)
+            out.append(bytes(n) if data is None else data[within : within + n])
+            pos += n
+        return b"".join(out)
+
+    def extents(self) -> list[tuple[int, int, bool]]:
+        """(offset, length, has_data) runs: holes for zero chunks (SEEK_HOLE, sparse restores)."""
+        runs: list[tuple[int, int, bool]] = []
+        nchunks = (self.size + self.cs - 1) // self.cs
+        for idx in range(nchunks):
+            has = self.entry(idx) is not None
+            off = idx * self.cs
+            ln = min(self.cs, self.size - off)
+            if runs and runs[-1][2] == has:
+                o, l0, h = runs[-1]
+                runs[-1] = (o, l0 + ln, h)
+            else:
+                runs.append((off, ln, has))
+        return runs
