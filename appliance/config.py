@@ -1,6 +1,7 @@
 """Configuration: a TOML file with sane defaults, so that no file is needed at all.
 
 Lookup order: --config, $IHB_CONFIG, /etc/ihb/config.toml (root) or ~/.config/ihb/config.toml.
+$IHB_CONFIG_DIR and $IHB_DATA_DIR move the configuration and data directories (tests, containers).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ def _is_root() -> bool:
 
 
 def config_dir() -> str:
+    if os.environ.get("IHB_CONFIG_DIR"):
+        return os.environ["IHB_CONFIG_DIR"]
     if _is_root():
         return "/etc/ihb"
     return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "ihb")
 
 
 def data_dir() -> str:
+    if os.environ.get("IHB_DATA_DIR"):
+        return os.environ["IHB_DATA_DIR"]
     if _is_root():
         return "/var/lib/ihb"
     return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "ihb")

@@ -42,7 +42,7 @@ class PackWriter:
         self.storage = storage
         self.envelope = envelope
         self.pack_id = fmt.PackId(os.urandom(fmt.PACK_ID_LEN))
-        self.path = os.path.join(storage.spool_dir(), f"pack-{self.pack_id.hex()}.tmp")
+        self.path = os.path.join(storage.spool_dir(), f"pack-{os.getpid()}-{self.pack_id.hex()}.tmp")
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self.entries: list[tuple[int, bytes, int, int, int]] = []
         self.size = 0

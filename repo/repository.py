@@ -200,6 +200,8 @@ class Repository:
                 lk.release()
             raise IntegrityError(f"the index at {index_dir} cannot be opened ({e}); run `ihb check --repair`") from e
         repo = cls(storage, config, key, index, lk)
+        if lk is not None:
+            storage.cleanup_spool()
         repo.sync_index()
         return repo
 

@@ -163,6 +163,31 @@ class LocalStorage:
         os.makedirs(d, exist_ok=True)
         return d
 
+    def cleanup_spool(self) -> int:
+        """Remove spool files left by writers that died (kill -9, power loss); names carry the pid."""
+        d = os.path.join(self.root, "tmp")
+        removed = 0
+        if not os.path.isdir(d):
+            return 0
+        for fn in os.listdir(d):
+            parts = fn.split("-")
+            if len(parts) < 3 or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            try:
+                os.kill(pid, 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            try:
+                os.unlink(os.path.join(d, fn))
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def close(self) -> None:
         with self._fd_lock:
             for fd in self._fds.values():
