@@ -8,7 +8,7 @@ DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 export DEBIAN_FRONTEND=noninteractive
 RUNTIME_PKGS=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev qemu-utils qemu-system-x86 attr acl)
-DEV_PKGS=(e2fsprogs xfsprogs dosfstools mtools ntfs-3g fdisk util-linux extlinux syslinux-common
+DEV_PKGS=(e2fsprogs xfsprogs dosfstools mtools ntfs-3g exfatprogs exfat-fuse cryptsetup-bin lvm2 fdisk util-linux extlinux syslinux-common
           busybox-static cpio debootstrap borgbackup restic postgresql time packer nbdkit libnbd-bin
           chromium chromium-driver)
 pkgs=("${RUNTIME_PKGS[@]}")

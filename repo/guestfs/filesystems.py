@@ -498,7 +498,9 @@ class ExtFS(GuestFS[Any]):
                 "seconds before the snapshot may be missing"
             )
         if incompat & _EXT_INCOMPAT_ENCRYPT:
-            self.warnings.append("some directories may use ext4 encryption; their names and data are unreadable")
+            self.warnings.append(
+                "some directories may use ext4 encryption; their names and data are unreadable"
+            )
         if incompat & _EXT_INCOMPAT_CASEFOLD:
             self.warnings.append("case-insensitive directories are listed but looked up case-sensitively")
         try:
@@ -590,7 +592,9 @@ def _ext_rdev(i_block: bytes) -> int:
     return os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
 
 
-def _runs_to_extents(runs: Sequence[tuple[int | None, int]], block_size: int) -> list[tuple[int, int, int | None]]:
+def _runs_to_extents(
+    runs: Sequence[tuple[int | None, int]], block_size: int
+) -> list[tuple[int, int, int | None]]:
     """dissect runlists ``(block or None, count)`` -> ``(file_offset, length, volume_offset)``."""
     out: list[tuple[int, int, int | None]] = []
     pos = 0
@@ -719,7 +723,9 @@ class XfsFS(GuestFS[Any]):
             pos += 3 + namelen + valuelen
             if flags & _XFS_ATTR_INCOMPLETE:
                 continue
-            prefix = "trusted." if flags & _XFS_ATTR_ROOT else "security." if flags & _XFS_ATTR_SECURE else "user."
+            prefix = (
+                "trusted." if flags & _XFS_ATTR_ROOT else "security." if flags & _XFS_ATTR_SECURE else "user."
+            )
             out[prefix + name] = bytes(value)
         return out
 
@@ -879,7 +885,10 @@ class ExFatFS(GuestFS[_ExFatNode]):
         serial = int(getattr(fs.vbr, "volume_serial", 0) or 0)
         self.uuid = f"{serial:08X}"[:4] + "-" + f"{serial:08X}"[4:]
         self.block_size = fs.cluster_size
-        self._root_node = _ExFatNode("", None, None, fs.files, 1)
+        root = fs.files
+        if len(root) == 1 and "/" in root:  # dissect wraps the tree in a synthetic "/" entry
+            root = root["/"][1]
+        self._root_node = _ExFatNode("", None, None, root, 1)
 
     def _root(self) -> _ExFatNode:
         return self._root_node

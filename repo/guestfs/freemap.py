@@ -316,7 +316,9 @@ class _GroupDesc:
 
 def _parse_desc(sb: _ExtSuper, group: int, raw: bytes) -> _GroupDesc:
     wide = sb.desc_size >= 64
-    bb_lo, ib_lo, it_lo, free_lo, _free_inodes, _dirs, flags, _excl, bbcs_lo = struct.unpack_from("<IIIHHHHIH", raw)
+    bb_lo, ib_lo, it_lo, free_lo, _free_inodes, _dirs, flags, _excl, bbcs_lo = struct.unpack_from(
+        "<IIIHHHHIH", raw
+    )
     bb, ib, it, free = bb_lo, ib_lo, it_lo, free_lo
     bbcs = bbcs_lo
     if wide:
@@ -393,7 +395,7 @@ def _ext_free(src: ByteSource) -> list[tuple[int, int]]:
     # Every group's own metadata, indexed by the group it physically lies in.
     meta_in_group: dict[int, list[tuple[int, int]]] = {}
     inode_table_blocks = _inode_table_blocks(src, sb)
-    for g, d in enumerate(descs):
+    for d in descs:
         for start, count in ((d.block_bitmap, 1), (d.inode_bitmap, 1), (d.inode_table, inode_table_blocks)):
             _add_meta(sb, meta_in_group, start, count)
 
@@ -417,18 +419,17 @@ def _ext_free(src: ByteSource) -> list[tuple[int, int]]:
             log.warning("ext group %d: bitmap location out of range; treated as used", g)
             continue
         uninit = sb.has_group_csum and bool(d.flags & _BG_BLOCK_UNINIT)
-        gdt_copies = journal_copies.get(gdt_block_of_group[g], [])
-        if uninit and gdt_copies:
-            # The journal may hold a newer descriptor in which the group is initialised.
-            idx = g % sb.descs_per_block
-            for copy in gdt_copies:
-                jd = _parse_desc(sb, g, copy[idx * sb.desc_size : (idx + 1) * sb.desc_size])
-                if jd.block_bitmap != d.block_bitmap:
-                    uninit = None  # type: ignore[assignment]
-                    break
-                if not jd.flags & _BG_BLOCK_UNINIT:
-                    uninit = False
-        if uninit is None:
+        moved = False
+        # Bitmap checksums of every known version of this descriptor: on disk and journaled.
+        csums = {d.bitmap_csum}
+        idx = g % sb.descs_per_block
+        for copy in journal_copies.get(gdt_block_of_group[g], []):
+            jd = _parse_desc(sb, g, copy[idx * sb.desc_size : (idx + 1) * sb.desc_size])
+            moved = moved or jd.block_bitmap != d.block_bitmap
+            csums.add(jd.bitmap_csum)
+            if not jd.flags & _BG_BLOCK_UNINIT:
+                uninit = False  # the journal holds a newer descriptor in which the group is initialised
+        if moved:
             log.warning("ext group %d: journal moves its bitmap; treated as used", g)
             continue
         bitmap = bytearray(bitmap_bytes)
@@ -442,10 +443,10 @@ def _ext_free(src: ByteSource) -> list[tuple[int, int]]:
             if len(raw) != bitmap_bytes:
                 log.warning("ext group %d: bitmap unreadable; treated as used", g)
                 continue
-            if d.bitmap_csum_bits and not recovering:
+            if d.bitmap_csum_bits:
                 crc = crc32c_raw(sb.csum_seed, raw)
                 mask = 0xFFFF if d.bitmap_csum_bits == 16 else 0xFFFFFFFF
-                if crc & mask != d.bitmap_csum:
+                if crc & mask not in csums:
                     log.warning("ext group %d: block bitmap checksum mismatch; treated as used", g)
                     continue
             # The group's metadata must already be marked; if not, the bitmap is not trustworthy.
@@ -455,8 +456,6 @@ def _ext_free(src: ByteSource) -> list[tuple[int, int]]:
                 log.warning("ext group %d: bitmap does not mark the group's own metadata; treated as used", g)
                 continue
             _or_into(bitmap, raw)
-            if d.flags & _BG_BLOCK_UNINIT and not sb.has_group_csum:
-                pass  # flag meaningless without group checksums (the kernel ignores it too)
         for copy in journal_copies.get(d.block_bitmap, []):
             _or_into(bitmap, copy[:bitmap_bytes])
         runs = list(_zero_runs(bytes(bitmap), nblocks))

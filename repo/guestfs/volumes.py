@@ -344,7 +344,8 @@ def is_lvm_pv(source: ByteSource) -> bool:
     """True if the volume carries an LVM2 physical-volume label in one of its first four sectors."""
     head = source.read_at(0, 4 * SECTOR)
     return any(
-        head[i * SECTOR : i * SECTOR + 8] == _LVM_LABEL and head[i * SECTOR + 24 : i * SECTOR + 32] == _LVM_TYPE
+        head[i * SECTOR : i * SECTOR + 8] == _LVM_LABEL
+        and head[i * SECTOR + 24 : i * SECTOR + 32] == _LVM_TYPE
         for i in range(4)
     )
 
