@@ -31,6 +31,7 @@ class BlobKind(IntEnum):
     SNAPSHOT = 3  # a restore point record (stored as its own object, not in packs)
     PACK_TRAILER = 4  # the index of one pack, at its end
     KEY = 5  # the wrapped master key
+    NOTE = 6  # an annotation of a restore point (verification result, lock, ...), own object
 
 
 class Compression(IntEnum):
@@ -61,6 +62,7 @@ CONFIG_NAME = "config"
 KEY_NAME = "keys/repokey"
 DATA_PREFIX = "data/"
 SNAPSHOT_PREFIX = "snapshots/"
+NOTE_PREFIX = "notes/"
 LOCK_NAME = "lock"
 
 # §7 Defaults, justified by measurement in docs/benchmarks.md.
