@@ -42,3 +42,24 @@ def test_exit_codes_in_range_and_documented() -> None:
     for c in classes:
         assert 2 <= c.exit_code <= 99, c
         assert f"| {c.exit_code} |" in doc, f"exit code {c.exit_code} ({c.__name__}) is not in docs/exit-codes.md"
+
+
+def test_cli_lazy_map_covers_every_command_and_help_works() -> None:
+    import click
+    from click.testing import CliRunner
+
+    from appliance.cli import _command_modules, cli, load_all_commands
+
+    load_all_commands()
+    assert set(cli.commands) == set(_command_modules()), "a command's name is not found by the lazy loader"
+    runner = CliRunner()
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        res = runner.invoke(cli, [*path, "--help"])
+        assert res.exit_code == 0, f"ihb {' '.join(path)} --help failed: {res.output}"
+        assert "Usage:" in res.output
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+
+    walk(cli, [])
