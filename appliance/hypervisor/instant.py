@@ -66,13 +66,19 @@ class Session:
             raise InvalidArgument(f"no instant recovery in {workdir}") from None
 
     def qemu_pid(self) -> int | None:
+        """The pid of our QEMU if it is alive (not a zombie, not a reused pid)."""
         try:
             with open(self.pidfile) as f:
                 pid = int(f.read().strip())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (FileNotFoundError, ValueError, ProcessLookupError, IndexError):
             return None
+        if state in ("Z", "X") or b"qemu" not in cmdline or self.pidfile.encode() not in cmdline:
+            return None
+        return pid
 
 
 def machine_args(snap: Snapshot, memory_mb: int | None = None, cpus: int | None = None) -> list[str]:
@@ -197,7 +203,7 @@ def migrate(s: Session, target_dir: str, *, fmt: str = "qcow2", timeout: float =
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, str(size)], check=True, capture_output=True)
             tnode = f"mig-{name}"
             try:
-                q.execute("blockdev-del", node_name=tnode)
+                q.execute("blockdev-del", **{"node-name": tnode})
             except QMPError:
                 pass
             q.execute("blockdev-add", **{"node-name": tnode, "driver": fmt,
@@ -221,6 +227,13 @@ def migrate(s: Session, target_dir: str, *, fmt: str = "qcow2", timeout: float =
                 raise RecoveryError(f"mirror of {ev['data']['device']} failed: {ev['data']['error']}")
             done.add(ev["data"]["device"])
             q.execute("job-dismiss", id=ev["data"]["device"])
+        for name in targets:
+            # The device now uses mig-<name>; drop the overlay node and, with it, its backing file in the
+            # mount, so the mount can go away.
+            try:
+                q.execute("blockdev-del", **{"node-name": name})
+            except QMPError as e:
+                raise RecoveryError(f"migrated, but the old overlay of {name} is still in use: {e}") from None
     s.migrated_to = targets
     s.status = "migrated"
     s.save()

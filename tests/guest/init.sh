@@ -113,6 +113,12 @@ case "$ACTION" in
     echo "written in instant-boot session $(cat /proc/sys/kernel/random/boot_id)" > /mnt/instant-boot-write.txt
     sync
     say "OVERLAY-WRITE-DONE"
+    if [ -f /mnt/ihb-stay ]; then  # instant-recovery tests: keep running so the VM can be migrated live
+      start_acpid
+      start_qga
+      say "READY uptime=$(uptime_s)s"
+      while true; do sleep 3600; done
+    fi
     ;;
   serve)
     start_acpid

@@ -1,0 +1,3 @@
+from tests.guest.fixtures import guest_kernel
+
+__all__ = ["guest_kernel"]
