@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from . import format as fmt
+from .catalog import index_snapshot
 from .chunker import FileChunker, data_extents
 from .errors import InvalidArgument, SourceError
 from .repository import BlobWriter, Repository
@@ -348,7 +349,15 @@ class Backup:
             errors=self.errors,
             meta=dict(self.opt.meta),
         )
-        return self.repo.store_snapshot(snap)
+        stored = self.repo.store_snapshot(snap)
+        # docs/format.md §8: the catalog comes after the commit; a failure here loses no data, and
+        # `ihb catalog rebuild` (or check --repair) catalogues the restore point later.
+        try:
+            index_snapshot(self.repo, stored)
+        except Exception as e:  # noqa: BLE001 - the restore point is committed; never fail the backup now
+            log.warning("restore point %s is not in the file catalog yet (%s); run `ihb catalog rebuild`",
+                        stored.short_id, e)
+        return stored
 
 
 def backup_paths(

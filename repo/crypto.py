@@ -22,6 +22,15 @@ from Crypto.Protocol.KDF import scrypt
 from . import format as fmt
 from .errors import IntegrityError, InvalidArgument, WrongPassphrase
 
+try:  # optional accelerator for decryption; pycryptodome stays the reference implementation
+    from cryptography.exceptions import InvalidTag as _InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+except ImportError:  # pragma: no cover - depends on the environment
+    _AESGCM = None  # type: ignore[assignment,misc]
+
+    class _InvalidTag(Exception):  # type: ignore[no-redef]
+        pass
+
 ENCRYPTIONS = ("aes-256-gcm", "none")
 
 # Production scrypt cost: N=2^17, r=8 (128 MiB, ~0.4 s here). Tests may weaken it explicitly.
@@ -184,11 +193,14 @@ class Envelope:
             if len(stored) < fmt.NONCE_LEN + fmt.TAG_LEN + 1:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
             nonce = bytes(stored[: fmt.NONCE_LEN])
-            c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
-            c.update(aad)
             try:
-                body = c.decrypt_and_verify(stored[fmt.NONCE_LEN : -fmt.TAG_LEN], stored[-fmt.TAG_LEN :])
-            except ValueError:
+                if _AESGCM is not None:  # same AES-256-GCM, ~5x faster (OpenSSL); reads of mounts need it
+                    body = _AESGCM(self._enc_key).decrypt(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
+                else:
+                    c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
+                    c.update(aad)
+                    body = c.decrypt_and_verify(stored[fmt.NONCE_LEN : -fmt.TAG_LEN], stored[-fmt.TAG_LEN :])
+            except (ValueError, _InvalidTag):
                 raise IntegrityError(
                     f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)"
                 ) from None

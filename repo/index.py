@@ -6,12 +6,39 @@ Sub-databases and key encodings (the canonical reference, docs/format.md §5 mir
 ``packs``      pack id (16 B)             -> msgpack [stored size, blob count]
 ``snapshots``  snapshot id (64 hex, ascii) -> msgpack snapshot record (plaintext, see snapshot.py)
 ``files``      host NUL absolute path      -> msgpack [inode, size, mtime_ns, ctime_ns, content]
-``catalog``    name NUL snapshot id NUL path -> msgpack [size, mtime_ns] (file catalog, see catalog.py)
 ``meta``       ascii key                   -> value (``repo_id``)
+``condemned``  chunk id (32 B)            -> CHUNK_LOC of a blob GC's mark took out of ``chunks`` (gc.py):
+                                             writers cannot find it, readers still can (``get_blob``)
+``gc``         ``state``                  -> msgpack {t_c, t_m, cutoff, scanned}: the pending condemnation
+
+The file catalog (catalog.py; built for name and path queries over tens of millions of entries). A
+*lineage* is one series of restore points whose files are compared with each other (same tenant, host,
+kind and backed-up paths); within it restore points get consecutive ordinals, and a file's history is
+stored as *runs*: "unchanged from ordinal a through b". A file present in 100 restore points unchanged
+costs one row, not 100. Integers are big-endian so keys sort numerically.
+
+``catalog``     ``v``                          -> catalog format version (ascii); absent = rebuild
+                ``N`` / ``P``                  -> next lineage id (u32) / next path id (u64)
+                ``F``                          -> committed length (u64) of ``<index dir>/catalog-names``,
+                                                   the distinct folded names, NUL-terminated (infix globs)
+                ``L`` + 16 B lineage key hash   -> lineage id (u32)
+                ``l`` + lineage id              -> msgpack {tenant, host, kind, source, next, head, pending}
+                ``H`` + host + NUL + lineage id -> b"" (the lineages of a host)
+                ``S`` + snapshot id (64 hex)    -> msgpack [lineage id, ordinal, time_ns, entries]
+                ``O`` + lineage id + ordinal    -> snapshot id (32 B) + time_ns (u64): existing restore
+                                                   points only; prune deletes the row
+``cat_pathkey`` host NUL absolute path          -> path id (u64)
+``cat_paths``   path id (u64)                   -> host NUL absolute path
+``cat_names``   lower-cased base name           -> path id (u64), one duplicate per path (DUPSORT)
+``cat_rnames``  reversed lower-cased base name  -> b"" (suffix queries such as ``*.conf``)
+``cat_runs``    lineage id + path id + first ordinal (u32) -> ``CAT_RUN``: last ordinal (u32), size (u64),
+                                                   mtime_ns (i64), type (1 B), content digest (0 or 16 B)
 
 Invariants: every ``chunks`` value names a pack present in ``packs``; a pack is entered only after it
-is durable in storage. LMDB transactions never outlive one function call, so no transaction spans
-threads or awaits.
+is durable in storage; a ``condemned`` row exists only while ``gc`` holds a state, and its chunk id is
+not in ``chunks`` unless a writer stored the blob again or a repair re-entered it (then it is live).
+A ``catalog`` ``S`` row is written last, after the runs of its restore point. LMDB transactions never
+outlive one function call, so no transaction spans threads or awaits.
 """
 
 from __future__ import annotations
@@ -19,13 +46,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import lmdb
 import msgpack
 
 from .pack import BlobLoc
 
-_DBS = (b"chunks", b"packs", b"snapshots", b"files", b"catalog", b"meta")
+_DBS = (b"chunks", b"packs", b"snapshots", b"files", b"catalog", b"meta",
+        b"cat_pathkey", b"cat_paths", b"cat_names", b"cat_rnames", b"cat_runs", b"condemned", b"gc")
+_DUPFIXED = frozenset({b"cat_names"})  # sorted duplicate values of one fixed size (postings)
 INDEX_VERSION = b"1"
 
 
@@ -37,7 +67,8 @@ class Index:
         self.env = lmdb.open(
             path, map_size=1 << 40, max_dbs=len(_DBS) + 2, max_readers=512, readahead=False, metasync=True
         )
-        self.db = {name.decode(): self.env.open_db(name) for name in _DBS}
+        self.db = {name.decode(): self.env.open_db(name, dupsort=name in _DUPFIXED, dupfixed=name in _DUPFIXED)
+                   for name in _DBS}
         self._wlock = threading.Lock()  # one LMDB write transaction at a time per process
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
@@ -137,11 +168,92 @@ class Index:
             for k, v in rows:
                 txn.put(k, v, db=self.db["files"])
 
-    # --- catalog ------------------------------------------------------------------------------------
-    def put_catalog(self, rows: Iterable[tuple[bytes, bytes]]) -> None:
+    # --- GC (gc.py): compare-and-set on chunk rows, never blind overwrites ---------------------------
+    def move_chunks(self, pack_id: bytes, size: int, entries: list[tuple[bytes, BlobLoc]],
+                    from_packs: set[bytes]) -> int:
+        """Enter a durable compacted pack and point its blobs at it, but only rows that still point into
+        one of ``from_packs`` (a concurrent writer's copy is left alone). One commit."""
+        n = 0
         with self._wlock, self.env.begin(write=True) as txn:
-            for k, v in rows:
-                txn.put(k, v, db=self.db["catalog"])
+            txn.put(pack_id, msgpack.packb([size, len(entries)]), db=self.db["packs"])
+            db = self.db["chunks"]
+            for bid, loc in entries:
+                v = txn.get(bid, db=db)
+                if v is None or BlobLoc.decode(v).pack in from_packs:
+                    txn.put(bid, loc.encode(), db=db)
+                    n += 1
+        return n
+
+    def forget_packs(self, pack_ids: Iterable[bytes]) -> None:
+        """Drop pack rows whose blobs GC has already moved or removed (no chunk scan)."""
+        with self._wlock, self.env.begin(write=True) as txn:
+            for p in pack_ids:
+                txn.delete(p, db=self.db["packs"])
+
+    def condemn(self, rows: Iterable[tuple[bytes, BlobLoc]], state: bytes) -> int:
+        """GC's mark, in one commit: move every row that still points where GC saw it from ``chunks`` to
+        ``condemned``, and record the pending condemnation."""
+        n = 0
+        with self._wlock, self.env.begin(write=True) as txn:
+            chunks, cond = self.db["chunks"], self.db["condemned"]
+            for bid, loc in rows:
+                v = txn.get(bid, db=chunks)
+                if v is not None and BlobLoc.decode(v).pack == loc.pack:
+                    txn.delete(bid, db=chunks)
+                    txn.put(bid, v, db=cond)
+                    n += 1
+            txn.put(b"state", state, db=self.db["gc"])
+        return n
+
+    def get_condemned(self, chunk_id: bytes) -> BlobLoc | None:
+        with self.env.begin(db=self.db["condemned"]) as txn:
+            v = txn.get(chunk_id)
+        return BlobLoc.decode(v) if v is not None else None
+
+    def iter_condemned(self) -> Iterator[tuple[bytes, BlobLoc]]:
+        with self.env.begin(db=self.db["condemned"]) as txn:
+            rows = [(bytes(k), BlobLoc.decode(v)) for k, v in txn.cursor()]
+        yield from rows
+
+    def gc_state(self) -> bytes | None:
+        with self.env.begin(db=self.db["gc"]) as txn:
+            v = txn.get(b"state")
+        return bytes(v) if v is not None else None
+
+    def put_gc_state(self, state: bytes) -> None:
+        with self._wlock, self.env.begin(write=True) as txn:
+            txn.put(b"state", state, db=self.db["gc"])
+
+    def rescue(self, ids: Iterable[bytes], packs: set[bytes] | None = None) -> int:
+        """Move condemned rows back into ``chunks`` (first copy wins); with ``packs``, only rows whose
+        pack is in it. Returns how many rows became indexed."""
+        n = 0
+        with self._wlock, self.env.begin(write=True) as txn:
+            chunks, cond = self.db["chunks"], self.db["condemned"]
+            for bid in ids:
+                v = txn.get(bid, db=cond)
+                if v is None:
+                    continue
+                txn.delete(bid, db=cond)
+                if (packs is None or BlobLoc.decode(v).pack in packs) and txn.put(bid, v, db=chunks, overwrite=False):
+                    n += 1
+        return n
+
+    def end_gc(self) -> None:
+        """The sweep is done (or the condemnation given up): forget the condemned rows and the state."""
+        with self._wlock, self.env.begin(write=True) as txn:
+            txn.drop(self.db["condemned"], delete=False)
+            txn.delete(b"state", db=self.db["gc"])
+
+    # --- raw transactions (catalog.py) --------------------------------------------------------------
+    @contextmanager
+    def write_txn(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction under this process's writer lock; must not span threads or awaits."""
+        with self._wlock, self.env.begin(write=True) as txn:
+            yield txn
+
+    def read_txn(self) -> lmdb.Transaction:
+        return self.env.begin()
 
     # --- whole-index maintenance --------------------------------------------------------------------
     def clear(self, names: Iterable[str]) -> None:
