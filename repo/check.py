@@ -109,7 +109,7 @@ def check_repository(repo: Repository, read_data: bool = False, repair: bool = F
     report = CheckReport()
     if repair:
         log.info("rebuilding the index from packs and restore points")
-        repo.index.clear(["chunks", "packs", "snapshots", "catalog"])
+        repo.index.clear(["chunks", "packs", "snapshots", "catalog", "condemned", "gc"])
         repo.sync_index()
         report.repaired.append("index rebuilt from packs")
     pack_names = [n for n in repo.storage.list(fmt.DATA_PREFIX) if fmt.pack_id_from_name(n)]
@@ -143,7 +143,7 @@ def check_repository(repo: Repository, read_data: bool = False, repair: bool = F
                 report.stats["chunks"] += 1
                 if cid in damaged:
                     report.affected.append({"snapshot": snap.short_id, "path": where, "chunk": cid.hex()})
-                elif cid not in seen_missing and not repo.has_blob(cid):
+                elif cid not in seen_missing and not repo.has_blob(cid) and repo.index.get_condemned(cid) is None:
                     seen_missing.add(cid)
                     report.errors.append(f"restore point {snap.short_id}: {where}: chunk {cid.hex()[:16]} is missing")
         except IntegrityError as e:
@@ -151,6 +151,11 @@ def check_repository(repo: Repository, read_data: bool = False, repair: bool = F
             if any(x.hex() in str(e) for x in damaged):
                 pass
     report.damaged_chunks = sorted(c.hex() for c in damaged)
+    if repair:
+        from .catalog import rebuild as rebuild_catalog
+
+        rebuild_catalog(repo, clear=True)
+        report.repaired.append("file catalog rebuilt")
     if repair and damaged:
         repo.index.remove_chunks(damaged)
         report.repaired.append(

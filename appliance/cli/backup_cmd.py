@@ -8,6 +8,7 @@ import secrets
 import click
 
 from appliance.config import config_dir
+from appliance.jobs import recorded_job
 from repo.backup import BackupOptions, backup_paths
 from repo.errors import RepositoryNotFound
 from repo.repository import Repository
@@ -63,8 +64,10 @@ def backup(ctx: Ctx, paths: tuple[str, ...], host: str | None, tags: tuple[str, 
         use_files_cache=not no_files_cache,
     )
     progress = Progress(enabled=None if not ctx.json else False)
-    with ctx.open_repo() as repo:
+    with recorded_job("files", opts.host, tenant=str(opts.meta.get("tenant", "")), cfg=ctx.cfg) as job, \
+            ctx.open_repo() as repo:
         snap = backup_paths(repo, paths, opts, progress)
+        job.finish_snapshot(snap)
     progress.done()
     s = snap.stats
 

@@ -8,6 +8,8 @@ import click
 
 from appliance.hypervisor.image_backup import backup_disk
 from appliance.hypervisor.sources import open_source
+from appliance.jobs import recorded_job
+from repo.image_catalog import index_image_snapshot_quietly
 from repo.snapshot import Snapshot
 from repo.workers import Pipeline
 
@@ -30,7 +32,7 @@ def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str
     start = time.time_ns()
     src = open_source(source)
     try:
-        with ctx.open_repo() as repo:
+        with recorded_job("image", vm, cfg=ctx.cfg) as job, ctx.open_repo() as repo:
             writer = repo.writer()
             with Pipeline() as pipe:
                 try:
@@ -48,6 +50,8 @@ def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str
                 meta={"vm": vm, "consistency": "offline", "source": source},
                 parent=prev[-1].id if prev else None,
             ))
+            job.finish_snapshot(snap)
+            index_image_snapshot_quietly(repo, snap)
     finally:
         src.close()
     progress.done()

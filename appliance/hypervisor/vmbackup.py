@@ -55,6 +55,7 @@ from appliance.config import data_dir
 from repo import format as fmt
 from repo.errors import IhbError, SourceError
 from repo.image import ImageReader, ImageWriter
+from repo.image_catalog import index_image_snapshot_quietly
 from repo.repository import BlobWriter, Repository
 from repo.snapshot import DiskRecord, Snapshot
 from repo.workers import Pipeline
@@ -1059,6 +1060,10 @@ def _backup_locked(repo: Repository, qv: QemuVM, qmp_path: str, vm: str, opts: V
         _teardown(qv, vm, exports, server, started_jobs, added_nodes, sock_dir, scratch)
         if transaction_done:
             _finish_bitmaps(qv, vm, disks, plans, new_bitmap, success=committed is not None)
+    if committed is not None and not os.environ.get("IHB_NO_IMAGE_CATALOG"):
+        t_cat = time.monotonic()
+        index_image_snapshot_quietly(repo, committed)  # files inside the guest, for `ihb find`
+        run["catalog_seconds"] = round(time.monotonic() - t_cat, 3)
     run["seconds"] = round(time.monotonic() - t_start, 3)
     run["freeze_seconds"] = quiesce.info.get("freeze_seconds") if quiesce else None
     return VMBackupResult(vm, committed, records, run)

@@ -98,3 +98,40 @@ def test_nbd_export_with_overlay(tmp_path: Path, image_repo: dict[str, str], ima
     out = tmp_path / "after.raw"
     ihb("restore-disk", "mbrvm@latest", "vda", str(out), env=image_repo)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out), str(images.mbr)], check=True)
+
+
+def test_mount_shows_files_inside_images(tmp_path: Path, image_repo: dict[str, str], images: Images) -> None:  # noqa: F811
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ihb("mount", str(mnt), env=image_repo)
+    try:
+        assert os.path.ismount(mnt)
+        base = mnt / "vms" / "gptvm" / "latest" / "vda.files"
+        vols = sorted(os.listdir(base))
+        ext4 = next(v for v in vols if v.endswith("ext4"))
+        fat = next(v for v in vols if "fat" in v)
+        luks = next(v for v in vols if "luks" in v)
+        assert _sha(base / ext4 / "big.bin") == images.tree.sha256("/big.bin")
+        assert _sha(base / fat / "dir" / "ñandú €.txt") == images.fat_tree.sha256("/dir/ñandú €.txt")
+        assert os.readlink(base / ext4 / "link") == "hello.txt"
+        assert os.getxattr(base / ext4 / "hello.txt", "user.comment") == b"guest xattr"
+        assert os.stat(base / ext4 / "hello.txt").st_mtime == 1614834368
+        assert "LUKS" in (base / luks / "NOT-READABLE.txt").read_text()
+        subprocess.run(["cp", "-a", str(base / ext4 / "dir"), str(tmp_path / "copied")], check=True)
+        assert (tmp_path / "copied" / "sub" / "deep.txt").read_bytes() == b"deep file\n" * 100
+        ntfs = mnt / "vms" / "mbrvm" / "latest" / "vda.files"
+        nvol = next(v for v in os.listdir(ntfs) if v.endswith("ntfs"))
+        assert _sha(ntfs / nvol / "big.bin") == images.tree.sha256("/big.bin")
+    finally:
+        ihb("umount", str(mnt), env=image_repo, check=False)
+
+
+def test_catalog_covers_files_inside_images(tmp_path: Path, image_repo: dict[str, str]) -> None:
+    src = tmp_path / "srv"
+    src.mkdir()
+    (src / "hello.txt").write_text("on a physical server")
+    ihb("backup", "--host", "web1", str(src), env=image_repo)
+    rows = json.loads(ihb("find", "hello.txt", "--json", env=image_repo).stdout)["matches"]
+    hosts = {r.get("host") for r in rows}
+    assert {"gptvm", "mbrvm", "web1"} <= hosts, rows
+    assert ihb("check", env=image_repo).returncode == 0
