@@ -172,6 +172,25 @@ class Backup:
                         self.stats["cached_files"] += 1
                         self.writer.count_reused(content)
                         return lambda: content
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if 0 < st.st_size <= self.chunker.min_size and st.st_blocks * 512 >= st.st_size:
+            # Small file: one chunk. Read it on the pool too, so several small reads are in flight
+            # (reading them one after another kept the walker waiting on the disk most of the time).
+            fut = self.pipe.submit(self._small_file, path, st.st_size)
+            self.stats["read_bytes"] += st.st_size
+            self._tick(path)
+
+            def resolve_small() -> list[list[Any]] | None:
+                try:
+                    content = fut.result()
+                except OSError as e:
+                    self._error(path, e)
+                    return None  # the entry is left out of its directory page
+                if self.opt.use_files_cache:
+                    self.writer.defer_files_row(ckey, msgpack.packb([*key, content]))
+                return content
+
+            return resolve_small  # type: ignore[return-value]
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(path, flags | os.O_NOATIME)
@@ -192,7 +211,6 @@ class Backup:
                     self._tick(path)
         finally:
             os.close(fd)
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
         def resolve() -> list[list[Any]]:
             content = [[p[0].result() if isinstance(p[0], Future) else p[0], p[1]] for p in parts]
@@ -201,6 +219,23 @@ class Backup:
             return content
 
         return resolve
+
+    def _small_file(self, path: bytes, size: int) -> list[list[Any]]:
+        """Worker task: read a small file whole and store it as one chunk."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | os.O_NOATIME)
+        except PermissionError:
+            fd = os.open(path, flags)
+        try:
+            data = os.read(fd, size + 1)  # one byte more: notice a file that grew meanwhile
+            if len(data) > size:
+                data += os.read(fd, 1 << 30)
+        finally:
+            os.close(fd)
+        if not data:
+            return []
+        return [[self.writer.add(fmt.BlobKind.DATA, data), len(data)]]
 
     # --- tree walk ------------------------------------------------------------------------------------
     def _entry(self, path: bytes, name: bytes, st: os.stat_result, dev: int, builder: DirBuilder) -> None:
@@ -247,8 +282,11 @@ class Backup:
             self._error(path, e)
             return
 
-        def finish(node: Node = node, resolver: Callable[[], list[list[Any]]] = resolver) -> Node:
-            node["c"] = resolver()
+        def finish(node: Node = node, resolver: Callable[[], list[list[Any]]] = resolver) -> Node | None:
+            content = resolver()
+            if content is None:  # unreadable after all (small files are read on the pool)
+                return None
+            node["c"] = content
             return node
 
         builder.add(name, finish)

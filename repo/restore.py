@@ -14,17 +14,68 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import IhbError, IntegrityError, PathNotFound, RestoreTargetExists, UnsafePath
-from .reader import iter_content
+from .errors import IhbError, IntegrityError, InvalidArgument, PathNotFound, RestoreTargetExists, UnsafePath
+from .format import BlobKind
+from .reader import iter_content, shared_pool
 from .repository import Repository
 from .snapshot import Snapshot
 from .tree import TYPE_DIR, Node, TreeReader, root_node
 
 log = logging.getLogger(__name__)
+
+
+class _Prefetcher:
+    """Reads chunks ahead across file boundaries, in exactly the order the restore will ask for them
+    (a second walk of the same tree), so decryption of the next files overlaps writing this one."""
+
+    def __init__(self, repo: Repository, ids: Iterator[bytes], window: int = 24) -> None:
+        self.repo, self.ids, self.window = repo, ids, window
+        self.q: deque[tuple[bytes, Future[bytes]]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.q) < self.window:
+            cid = next(self.ids, None)
+            if cid is None:
+                return
+            self.q.append((cid, shared_pool().submit(self.repo.get_blob, BlobKind.DATA, cid)))
+
+    def get(self, cid: bytes) -> bytes:
+        while self.q:
+            head, fut = self.q.popleft()
+            self._fill()
+            if head == cid:
+                return fut.result()
+        return self.repo.get_blob(BlobKind.DATA, cid)  # out of step (an include, a skipped file)
+
+
+def _restore_order(tree: TreeReader, node: Node) -> Iterator[bytes]:
+    """Chunk ids in the order Restore._children consumes them (depth-first, name order, first hard link)."""
+    seen: set[int] = set()
+    stack = [iter(tree.children(node))]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        t = child.get("t")
+        if t == TYPE_DIR:
+            stack.append(iter(tree.children(child)))
+        elif t == "f":
+            hl = child.get("hl")
+            if hl is not None:
+                if hl in seen:
+                    continue
+                seen.add(hl)
+            for cid, _ln in child.get("c", ()):
+                if cid is not None:
+                    yield cid
 
 
 def check_name(name: bytes) -> None:
@@ -42,6 +93,12 @@ class RestoreOptions:
 class Restore:
     def __init__(self, repo: Repository, snap: Snapshot, options: RestoreOptions,
                  progress: Callable[[dict[str, Any], str], None] | None = None) -> None:
+        if snap.meta.get("content_key"):
+            # File content sealed with a tenant's own key (docs/protocol.md §7): only the appliance can open it.
+            raise InvalidArgument(
+                f"restore point {snap.short_id} holds content sealed with tenant {snap.meta.get('tenant')!r}'s own key; "
+                "restore it through the appliance (`ihb agent restore`)"
+            )
         self.repo = repo
         self.snap = snap
         self.opt = options
@@ -52,6 +109,7 @@ class Restore:
         self._links: dict[int, bytes] = {}
         self.progress = progress
         self._last = 0.0
+        self._pref: _Prefetcher | None = None
 
     def _err(self, path: bytes, e: BaseException) -> None:
         p = path.decode("utf-8", "replace")
@@ -111,7 +169,9 @@ class Restore:
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
         try:
             pos = 0
-            for data, ln in iter_content(self.repo, node.get("c", [])):
+            parts = (((None if cid is None else self._pref.get(cid)), ln) for cid, ln in node.get("c", [])) \
+                if self._pref is not None else iter_content(self.repo, node.get("c", []))
+            for data, ln in parts:
                 if data is None:
                     pos += ln
                     os.lseek(fd, pos, os.SEEK_SET)
@@ -201,6 +261,7 @@ class Restore:
         try:
             root = root_node(self.snap.tree)
             if not self.opt.includes:
+                self._pref = _Prefetcher(self.repo, _restore_order(TreeReader(self.repo), root))
                 self._children(self._root_fd, root, b"")
             else:
                 for inc in self.opt.includes:

@@ -49,11 +49,11 @@ class DirBuilder:
     def __init__(self, sink: BlobSink) -> None:
         self.sink = sink
         self.pages: list[list[Any]] = []
-        self._cur: list[Node | Callable[[], Node]] = []
+        self._cur: list[Node | Callable[[], Node | None]] = []
         self._first: bytes | None = None
         self._bytes = 0
 
-    def add(self, name: bytes, node: Node | Callable[[], Node], approx_size: int = 128) -> None:
+    def add(self, name: bytes, node: Node | Callable[[], Node | None], approx_size: int = 128) -> None:
         """``node`` may be a callable resolved when the page is sealed (content still hashing)."""
         if not self._cur:
             self._first = name
@@ -63,7 +63,8 @@ class DirBuilder:
             self._emit()
 
     def _emit(self) -> None:
-        nodes = [n() if callable(n) else n for n in self._cur]
+        # A resolver may return None: the entry turned out unreadable and is left out.
+        nodes = [x for x in (n() if callable(n) else n for n in self._cur) if x is not None]
         page = msgpack.packb(nodes, use_bin_type=True)
         pid = self.sink.add(fmt.BlobKind.TREE, page)
         self.pages.append([self._first, pid])
