@@ -1,0 +1,69 @@
+"""`ihb mount` and `ihb umount`: restore points as a read-only filesystem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import click
+
+from fusefs.mount import MountError, MountOptions, mount
+from repo.repository import Repository, default_cache_root
+
+from . import cli
+from .common import Ctx, common_options
+
+
+@cli.command("mount")
+@common_options
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--snapshot", "-s", "snapshot", metavar="ID",
+              help="Mount only this restore point at the root (id prefix, `latest` or `HOST@latest`).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs on stderr; Ctrl-C unmounts).")
+@click.option("--cache-size", type=click.IntRange(min=8), default=256, show_default=True, metavar="MB",
+              help="Memory for decompressed chunks, in MiB.")
+def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool, cache_size: int) -> None:
+    """Mount the repository's restore points read-only at MOUNTPOINT.
+
+    \b
+    by-host/HOST/TIME/...      file-level restore points; by-host/HOST/latest links the newest
+    vms/VM/TIME/DISK.raw       VM disks as raw images of their virtual size; vms/VM/latest
+    by-id/ID/...               any restore point by id
+
+    New restore points appear while mounted. Copy files out with ordinary tools, or point a hypervisor
+    at a DISK.raw. Runs in the background once the mount is ready (-f to stay in the foreground);
+    unmount with `ihb umount MOUNTPOINT`. The mount holds a shared repository lock, so prune and gc
+    wait until it is unmounted.
+    """
+    cached: list[bytes | None] = []
+
+    def passphrase() -> bytes | None:
+        if not cached:  # asked once, even though the daemon reopens the repository
+            cached.append(ctx.passphrase())
+        return cached[0]
+
+    # Absolute paths: the daemon reopens the repository after chdir("/").
+    repo_path = os.path.abspath(ctx.repo_path)
+    cache_dir = os.path.abspath(ctx.cfg.cache_dir or default_cache_root())
+
+    def open_repo() -> Repository:
+        return Repository.open(repo_path, passphrase, cache_dir=cache_dir)
+
+    opts = MountOptions(mountpoint=mountpoint, snapshot=snapshot, foreground=foreground,
+                        cache_bytes=cache_size * 1024 * 1024)
+    mount(open_repo, opts)
+
+
+@cli.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("-z", "--lazy", is_flag=True, help="Detach now even if busy; unmount when no longer in use.")
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount an `ihb mount` (same as `fusermount3 -u MOUNTPOINT`)."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise MountError("fusermount3 is not installed; install the fuse3 package")
+    res = subprocess.run([tool, "-uz" if lazy else "-u", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
+        raise MountError(f"cannot unmount {mountpoint}: {why}; if it is busy, close what uses it or pass --lazy")
