@@ -41,7 +41,7 @@ def _mount_snapshot(ctx: Ctx, snap: Snapshot, mnt: str) -> None:
     if os.path.ismount(mnt):
         return
     env = dict(os.environ)
-    env["IHB_REPO"] = os.path.abspath(ctx.repo_path)
+    env["IHB_REPO"] = ctx.repo_path if "://" in ctx.repo_path else os.path.abspath(ctx.repo_path)
     env["IHB_CACHE_DIR"] = os.path.abspath(ctx.cfg.cache_dir or default_cache_root())
     pw = ctx.passphrase()
     if pw is not None:

@@ -44,7 +44,7 @@ def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool,
         return cached[0]
 
     # Absolute paths: the daemon reopens the repository after chdir("/").
-    repo_path = os.path.abspath(ctx.repo_path)
+    repo_path = ctx.repo_path if "://" in ctx.repo_path else os.path.abspath(ctx.repo_path)
     cache_dir = os.path.abspath(ctx.cfg.cache_dir or default_cache_root())
 
     def open_repo() -> Repository:
