@@ -164,7 +164,7 @@ SIGN_OF_LIFE = r"(login:|IHBGUEST: (MARKER|READY|OVERLAY)|Reached target|Welcome
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for a sign of life.")
 def verify_boot(ctx: Ctx, ref: str, expect: str, timeout: float) -> None:
     """Boot REF in an isolated VM (no network, throwaway overlay), wait for a sign of life (guest agent or
-    a serial line), record the result with the restore point, shut it down. Exit 0 if it booted, 61 if not."""
+    a serial line), record the result with the restore point, shut it down. Exit 0 if it booted, 47 if not."""
     t0 = time.monotonic()
     with ctx.open_repo() as repo:
         snap = find_image_snapshot(repo, ref)
@@ -222,4 +222,4 @@ def verify_boot(ctx: Ctx, ref: str, expect: str, timeout: float) -> None:
         f"{snap.vm}@{snap.short_id} {'BOOTS' if result['ok'] else 'DOES NOT BOOT'} ({result.get('evidence')}, "
         f"{result['seconds']} s); recorded with the restore point"))
     if not result["ok"]:
-        sys.exit(61)
+        sys.exit(47)

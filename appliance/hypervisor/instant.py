@@ -31,7 +31,7 @@ STATE = "state.json"
 class RecoveryError(IhbError):
     """Instant recovery failed."""
 
-    exit_code = 60
+    exit_code = 46
 
 
 @dataclass

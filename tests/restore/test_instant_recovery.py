@@ -104,4 +104,4 @@ def test_instant_recover_migrate_and_verify(tmp_path: Path, guest_kernel: GuestK
         f.truncate(16 << 20)
     ihb("backup-image", "--vm", "blank", "--disk", "vda", str(blank), env=env)
     bad = ihb("verify-boot", "blank@latest", "--timeout", "20", "--json", env=env, check=False, timeout=200)
-    assert bad.returncode == 61 and not json.loads(bad.stdout)["ok"]
+    assert bad.returncode == 47 and not json.loads(bad.stdout)["ok"]
