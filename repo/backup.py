@@ -330,14 +330,22 @@ class Backup:
                 builder.add(name, node)
 
     # --- the job --------------------------------------------------------------------------------------
-    def run(self, paths: Iterable[str]) -> Snapshot:
+    # run() is a fixed sequence of small steps; the network agent (appliance/agent) overrides the few
+    # that differ (other sources than paths, remote commit) instead of copying the walk.
+    def _has_other_sources(self) -> bool:
+        return False
+
+    def _extra_paths(self) -> list[str]:
+        return []
+
+    def _plan(self, paths: Iterable[str]) -> tuple[list[str], dict[bytes, Any]]:
         abs_paths = []
         for p in paths:
             ap = os.path.abspath(p)
             if not os.path.lexists(ap):
                 raise SourceError(f"cannot back up {p}: no such file or directory")
             abs_paths.append(ap)
-        if not abs_paths:
+        if not abs_paths and not self._has_other_sources():
             raise InvalidArgument("give at least one path to back up")
         trie: dict[bytes, Any] = {}
         for ap in abs_paths:
@@ -352,8 +360,10 @@ class Backup:
                 node = nxt
             else:
                 node[comps[-1]] = None
-        start = time.time_ns()
-        t0 = time.monotonic()
+        return abs_paths, trie
+
+    def _write_tree(self, trie: dict[bytes, Any]) -> list[list[Any]]:
+        """Walk, store every chunk and page, and make them durable; returns the root's pages."""
         self.writer = self.repo.writer()
         self.pipe = Pipeline(self.opt.threads)
         try:
@@ -367,6 +377,9 @@ class Backup:
             self.writer.abort()
             raise
         self.pipe.close()
+        return pages
+
+    def _snapshot(self, pages: list[list[Any]], start: int, t0: float, paths: list[str]) -> Snapshot:
         rst = os.stat("/")
         root_node: Node = {"n": b"", "t": TYPE_DIR, "m": stat.S_IFDIR | 0o755, "u": rst.st_uid, "g": rst.st_gid,
                            "s": 0, "mt": rst.st_mtime_ns, "at": rst.st_atime_ns, "ct": rst.st_ctime_ns, "nl": 2,
@@ -375,18 +388,11 @@ class Backup:
         stats.update(self.writer.stats)
         stats["duration"] = round(time.monotonic() - t0, 3)
         stats["errors"] = len(self.errors)
-        snap = Snapshot(
-            id="",
-            kind="files",
-            host=self.opt.host,
-            time_ns=start,
-            paths=abs_paths,
-            tags=list(self.opt.tags),
-            tree=pack_node(root_node),
-            stats=stats,
-            errors=self.errors,
-            meta=dict(self.opt.meta),
-        )
+        return Snapshot(id="", kind="files", host=self.opt.host, time_ns=start, paths=paths,
+                        tags=list(self.opt.tags), tree=pack_node(root_node), stats=stats, errors=self.errors,
+                        meta=dict(self.opt.meta))
+
+    def _commit(self, snap: Snapshot) -> Snapshot:
         stored = self.repo.store_snapshot(snap)
         # docs/format.md §8: the catalog comes after the commit; a failure here loses no data, and
         # `ihb catalog rebuild` (or check --repair) catalogues the restore point later.
@@ -396,6 +402,13 @@ class Backup:
             log.warning("restore point %s is not in the file catalog yet (%s); run `ihb catalog rebuild`",
                         stored.short_id, e)
         return stored
+
+    def run(self, paths: Iterable[str]) -> Snapshot:
+        abs_paths, trie = self._plan(paths)
+        start = time.time_ns()
+        t0 = time.monotonic()
+        pages = self._write_tree(trie)
+        return self._commit(self._snapshot(pages, start, t0, abs_paths + self._extra_paths()))
 
 
 def backup_paths(

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,8 +35,7 @@ from repo.crypto import Envelope
 from repo.errors import InvalidArgument, SourceError
 from repo.index import Index
 from repo.snapshot import Snapshot
-from repo.tree import TYPE_DIR, TYPE_FILE, DirBuilder, Node, pack_node
-from repo.workers import Pipeline
+from repo.tree import TYPE_FILE, DirBuilder, Node
 
 from .client import API, Client, Transient
 from .errors import DumpFailed, MissingReferences, ServerRejected, ServerUnreachable
@@ -344,61 +343,36 @@ class AgentBackup(Backup):
 
         builder.add(name, finish)
 
-    def run(self, paths: Iterable[str]) -> Snapshot:
-        abs_paths = []
-        for p in paths:
-            ap = os.path.abspath(p)
-            if not os.path.lexists(ap):
-                raise SourceError(f"cannot back up {p}: no such file or directory")
-            abs_paths.append(ap)
-        if not abs_paths and not self.streams:
-            raise InvalidArgument("give at least one path to back up, or --stdin-name NAME -- COMMAND")
-        trie: dict[bytes, Any] = {}
-        for ap in abs_paths:
-            comps = [c.encode("utf-8", "surrogateescape") for c in ap.split("/") if c]
-            if not comps:
-                raise InvalidArgument("backing up / as a whole: list its top-level directories instead")
-            node = trie
-            for c in comps[:-1]:
-                nxt = node.setdefault(c, {})
-                if nxt is None:
-                    break
-                node = nxt
-            else:
-                node[comps[-1]] = None
-        start = time.time_ns()
-        t0 = time.monotonic()
-        self.writer = self.repo.writer()
-        self.pipe = Pipeline(self.opt.threads)
+    def _has_other_sources(self) -> bool:
+        return bool(self.streams)
+
+    def _extra_paths(self) -> list[str]:
+        return [f"/{n.decode(errors='replace')}" for n in sorted(self.streams)]
+
+    def _write_tree(self, trie: dict[bytes, Any]) -> list[list[Any]]:
         try:
-            root = DirBuilder(self.writer)
-            self._synthetic_dir(b"", trie, root)
-            pages = root.finish()
-            self.pipe.drain()
-            self.writer.flush()
+            return super()._write_tree(trie)
         except BaseException:
-            self.pipe.close(cancel=True)
-            self.writer.abort()
             self.writer.close()
             raise
-        self.pipe.close()
-        rst = os.stat("/")
-        root_node: Node = {"n": b"", "t": TYPE_DIR, "m": stat.S_IFDIR | 0o755, "u": rst.st_uid, "g": rst.st_gid,
-                           "s": 0, "mt": rst.st_mtime_ns, "at": rst.st_atime_ns, "ct": rst.st_ctime_ns, "nl": 2,
-                           "d": pages}
-        stats = dict(self.stats)
-        stats.update(self.writer.stats)
-        stats["duration"] = round(time.monotonic() - t0, 3)
-        stats["errors"] = len(self.errors)
-        snap = Snapshot(id="", kind="files", host=self.opt.host, time_ns=start,
-                        paths=abs_paths + [f"/{n.decode(errors='replace')}" for n in sorted(self.streams)],
-                        tags=list(self.opt.tags), tree=pack_node(root_node), stats=stats, errors=self.errors)
+
+    def _snapshot(self, pages: list[list[Any]], start: int, t0: float, paths: list[str]) -> Snapshot:
+        snap = super()._snapshot(pages, start, t0, paths)
+        return replace(snap, meta={})  # the appliance sets tenant and the rest
+
+    def _commit(self, snap: Snapshot) -> Snapshot:
         try:
             stored = self.repo.store_snapshot(snap)
         finally:
             self.writer.close()
-        stored.stats.update({k: stats[k] for k in stats if k not in stored.stats})
+        stored.stats.update({k: snap.stats[k] for k in snap.stats if k not in stored.stats})
         return stored
+
+    def run(self, paths: Iterable[str]) -> Snapshot:
+        paths = list(paths)
+        if not paths and not self.streams:
+            raise InvalidArgument("give at least one path to back up, or --stdin-name NAME -- COMMAND")
+        return super().run(paths)
 
 
 @dataclass
