@@ -181,10 +181,9 @@ class Backup:
             self._tick(path)
 
             def resolve_small() -> list[list[Any]] | None:
-                try:
-                    content = fut.result()
-                except OSError as e:
-                    self._error(path, e)
+                content = fut.result()
+                if isinstance(content, OSError):
+                    self._error(path, content)
                     return None  # the entry is left out of its directory page
                 if self.opt.use_files_cache:
                     self.writer.defer_files_row(ckey, msgpack.packb([*key, content]))
@@ -220,19 +219,23 @@ class Backup:
 
         return resolve
 
-    def _small_file(self, path: bytes, size: int) -> list[list[Any]]:
-        """Worker task: read a small file whole and store it as one chunk."""
+    def _small_file(self, path: bytes, size: int) -> list[list[Any]] | OSError:
+        """Worker task: read a small file whole and store it as one chunk. A read error is returned, not
+        raised: the pipeline re-raises task exceptions, and an unreadable file must only be skipped."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags | os.O_NOATIME)
-        except PermissionError:
-            fd = os.open(path, flags)
-        try:
-            data = os.read(fd, size + 1)  # one byte more: notice a file that grew meanwhile
-            if len(data) > size:
-                data += os.read(fd, 1 << 30)
-        finally:
-            os.close(fd)
+            try:
+                fd = os.open(path, flags | os.O_NOATIME)
+            except PermissionError:
+                fd = os.open(path, flags)
+            try:
+                data = os.read(fd, size + 1)  # one byte more: notice a file that grew meanwhile
+                if len(data) > size:
+                    data += os.read(fd, 1 << 30)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return e
         if not data:
             return []
         return [[self.writer.add(fmt.BlobKind.DATA, data), len(data)]]
