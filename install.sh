@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 RUNTIME_PKGS=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev qemu-utils qemu-system-x86 attr acl)
 DEV_PKGS=(e2fsprogs xfsprogs dosfstools mtools ntfs-3g exfatprogs exfat-fuse cryptsetup-bin lvm2 fdisk util-linux extlinux syslinux-common
           busybox-static cpio debootstrap borgbackup restic postgresql time packer nbdkit libnbd-bin curl bc
-          chromium chromium-driver)
+          openssh-client chromium chromium-driver)
 pkgs=("${RUNTIME_PKGS[@]}")
 [ "$DEV" = 1 ] && pkgs+=("${DEV_PKGS[@]}")
 missing=()
