@@ -46,14 +46,21 @@ class PackWriter:
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self.entries: list[tuple[int, bytes, int, int, int]] = []
         self.size = 0
+        self._failed: BaseException | None = None
         self._write(fmt.PACK_MAGIC)
 
     def _write(self, b: bytes) -> None:
+        if self._failed is not None:  # a concurrent writer hit the error first: report the same one
+            raise self._failed
         try:
             self._f.write(b)
         except OSError as e:
             self.abort()
-            _raise_os(e, "a pack")
+            try:
+                _raise_os(e, "a pack")
+            except BaseException as err:
+                self._failed = err
+                raise
         self.size += len(b)
 
     def append(self, kind: int, blob_id: bytes, stored: bytes, raw_len: int) -> BlobLoc:
