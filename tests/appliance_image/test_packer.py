@@ -559,6 +559,43 @@ def test_local_image_api_answers_tls(guest: Guest) -> None:
 
 
 @pytest.mark.slow
+def test_agent_backup_from_the_host_lands_in_the_appliance(guest: Guest, tmp_path: Path) -> None:
+    """An agent on the host backs up over the forwarded, pinned TLS port; the appliance has it."""
+    fingerprint = guest.fingerprint or guest.tls_fingerprint(time.monotonic() + 60)
+    assert fingerprint, "the API does not answer TLS"
+    token = guest.ssh(
+        "set -a; . /etc/default/ihb; set +a; setpriv --reuid=ihb --regid=ihb --init-groups "
+        "env HOME=/var/lib/ihb /opt/ihb/venv/bin/ihb token create --tenant acme --host hostagent"
+    ).stdout.strip().splitlines()[0]
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "payload.bin").write_bytes(os.urandom(300_000))
+    (src / "note.txt").write_text("from the host\n")
+    server = f"https://127.0.0.1:{guest.api_port}"
+    agent = [sys.executable, "-m", "appliance.cli", "agent"]
+    common = ["--server", server, "--token-file", str(token_file), "--fingerprint", fingerprint]
+    env = {**os.environ, "IHB_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([*agent, "backup", *common, str(src)], check=True, env=env, cwd=PROJECT, capture_output=True,
+                   timeout=600)
+    listed = subprocess.run([*agent, "snapshots", *common, "--json"], check=True, env=env, cwd=PROJECT,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "hostagent" in listed
+    out = tmp_path / "restored"
+    subprocess.run([*agent, "restore", *common, "latest", str(out)], check=True, env=env, cwd=PROJECT,
+                   capture_output=True, timeout=600)
+    restored = out / str(src).lstrip("/")
+    assert (restored / "payload.bin").read_bytes() == (src / "payload.bin").read_bytes()
+    # and it is in the appliance's repository, seen from inside the VM
+    snaps = guest.ssh("set -a; . /etc/default/ihb; set +a; setpriv --reuid=ihb --regid=ihb --init-groups "
+                      "env HOME=/var/lib/ihb IHB_PASSPHRASE_FILE=$IHB_PASSPHRASE_FILE "
+                      "/opt/ihb/venv/bin/ihb snapshots --json").stdout
+    assert "hostagent" in snaps
+
+
+@pytest.mark.slow
 def test_new_system_disk_adopts_the_data_disk(guest: Guest, image: Path) -> None:
     """Image upgrade: a fresh system disk + the first boot's data disk keeps the repository.
 
