@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,11 +55,24 @@ def test_instant_recover_migrate_and_verify(tmp_path: Path, guest_kernel: GuestK
     ihb("backup-image", "--vm", "bootvm", "--disk", "vda", str(disk), env=env)
     wd = Path("/tmp") / f"ihb-ir-test-{os.getpid()}"
     shutil.rmtree(wd, ignore_errors=True)
+    # The appliance is busy: another mount of the repository is open and a backup is running.
+    other_mnt = tmp_path / "other-mnt"
+    other_mnt.mkdir()
+    ihb("mount", str(other_mnt), env=env)
+    busy_src = tmp_path / "busy"
+    busy_src.mkdir()
+    for i in range(6):
+        (busy_src / f"f{i}").write_bytes(os.urandom(16 << 20))
+    busy = subprocess.Popen([sys.executable, "-m", "appliance.cli", "backup", str(busy_src)],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         out = json.loads(ihb("instant-recover", "bootvm@latest", "--workdir", str(wd), "--no-network",
                              "--wait-serial", "IHBGUEST: READY", "--timeout", str(BOOT_TIMEOUT), "--json",
                              env=env, timeout=BOOT_TIMEOUT + 60).stdout)
         assert out["status"] == "running"
+        assert busy.wait(300) == 0, busy.stderr.read() if busy.stderr else ""
+        assert os.listdir(other_mnt / "vms" / "bootvm")  # the other mount kept serving
+        ihb("umount", str(other_mnt), env=env)
         assert out["timings"]["running"] < 10, out["timings"]  # QEMU running from the backup in under 10 s
         serial = (wd / "serial.log").read_text(errors="replace")
         assert f"MARKER-FOUND {marker.strip()}" in serial  # it reads what was written before the backup
@@ -78,6 +92,9 @@ def test_instant_recover_migrate_and_verify(tmp_path: Path, guest_kernel: GuestK
         assert not os.path.ismount(wd / "mnt")  # the VM no longer needs the backup
         ihb("instant-recover", "stop", "--workdir", str(wd), env=env)
     finally:
+        if busy.poll() is None:
+            busy.kill()
+        subprocess.run(["fusermount3", "-uz", str(other_mnt)], capture_output=True)
         if (wd / "state.json").exists():
             ihb("instant-recover", "stop", "--workdir", str(wd), env=env, check=False)
         subprocess.run(["fusermount3", "-uz", str(wd / "mnt")], capture_output=True)
