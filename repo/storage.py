@@ -49,6 +49,31 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_dead_spool_files(d: str) -> int:
+    """Delete the spool files in ``d`` whose writer is gone: names are ``KIND-<pid>-...`` and a pid that
+    still runs (or belongs to another user) is left alone. Shared by every storage backend."""
+    removed = 0
+    if not os.path.isdir(d):
+        return 0
+    for fn in os.listdir(d):
+        parts = fn.split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(d, fn))
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class LocalStorage:
     """A directory on a local filesystem. Durability: data fsync'ed, then linked into place, then the
     directory fsync'ed, so an object is either complete under its name or absent."""
@@ -164,29 +189,8 @@ class LocalStorage:
         return d
 
     def cleanup_spool(self) -> int:
-        """Remove spool files left by writers that died (kill -9, power loss); names carry the pid."""
-        d = os.path.join(self.root, "tmp")
-        removed = 0
-        if not os.path.isdir(d):
-            return 0
-        for fn in os.listdir(d):
-            parts = fn.split("-")
-            if len(parts) < 3 or not parts[1].isdigit():
-                continue
-            pid = int(parts[1])
-            try:
-                os.kill(pid, 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            try:
-                os.unlink(os.path.join(d, fn))
-                removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
+        """Remove spool files left by writers that died (kill -9, power loss)."""
+        return remove_dead_spool_files(os.path.join(self.root, "tmp"))
 
     def close(self) -> None:
         with self._fd_lock:

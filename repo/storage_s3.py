@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import botocore.exceptions as bexc
 
 from .errors import IhbError, InvalidArgument, NoSpace, RepositoryExists, RepositoryLocked, RepositoryNotFound
-from .storage import ObjectExists
+from .storage import ObjectExists, remove_dead_spool_files
 
 log = logging.getLogger(__name__)
 
@@ -701,25 +701,7 @@ class S3Storage:
     def cleanup_spool(self) -> int:
         """Remove spool files of dead local writers, and abort multipart uploads older than a day
         (a crashed writer's parts are invisible but billed)."""
-        removed = 0
-        d = self._spool
-        if os.path.isdir(d):
-            for fn in os.listdir(d):
-                parts = fn.split("-")
-                if len(parts) < 3 or not parts[1].isdigit():
-                    continue
-                try:
-                    os.kill(int(parts[1]), 0)
-                    continue
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue
-                try:
-                    os.unlink(os.path.join(d, fn))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+        removed = remove_dead_spool_files(self._spool)
         try:
             r = self._call("ListMultipartUploads", self.client.list_multipart_uploads, Bucket=self.settings.bucket,
                            Prefix=self.settings.prefix + "data/")
