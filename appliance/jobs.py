@@ -17,7 +17,8 @@ Pieces, each testable alone:
   appliance, per physical host, per datastore), with the reason each other job stays queued; the
   caller's clock is a parameter, so tests drive it with a fake one;
 * ``JobStore`` / ``AlertStore``: the records; ``evaluate_rpo`` raises an ``rpo-missed`` alert once per
-  breach and resolves it when a good run arrives;
+  breach and resolves it when a good run arrives, ``job_finished`` does the same with ``job-failed``
+  for failed runs; each transition is handed once to the ``alert_hook`` (``appliance.notify``);
 * ``recorded_job``: the hook the backup commands wrap around their work (``ihb backup``,
   ``ihb backup-image``); a run started by ``ihb jobs run-due`` passes its record id in
   ``IHB_JOB_RECORD`` so the command completes the queued record instead of creating one.
@@ -477,15 +478,23 @@ class Alert:
     message: str
     raised_ns: int
     resolved_ns: int | None = None
+    host: str = ""
+    record: str = ""  # the job record that raised it (job-failed) or resolved it
 
     def to_obj(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# Called with ("raised" | "resolved", alert) once per transition; appliance.notify delivers it.
+AlertHook = Callable[[str, Alert], None]
+
+
 class AlertStore:
-    """Alerts for notifications (e-mail, webhooks: sent by the server, which reads this store)."""
+    """Open and resolved alerts. An alert is raised once per breach and resolved once, and only those two
+    transitions are notified (``alert_hook``), so a job failing at every tick pages once."""
 
     def __init__(self, directory: str) -> None:
+        self.dir = directory
         self._f = _JsonLines(os.path.join(directory, "alerts.jsonl"))
 
     def put(self, a: Alert) -> Alert:
@@ -493,10 +502,101 @@ class AlertStore:
         return a
 
     def all(self) -> list[Alert]:
-        return sorted((Alert(**o) for o in self._f.fold().values()), key=lambda a: a.raised_ns)
+        known = Alert.__dataclass_fields__
+        return sorted((Alert(**{k: v for k, v in o.items() if k in known}) for o in self._f.fold().values()),
+                      key=lambda a: a.raised_ns)
 
     def open_for(self, job: str, kind: str) -> Alert | None:
         return next((a for a in self.all() if a.job == job and a.kind == kind and a.resolved_ns is None), None)
+
+    @contextlib.contextmanager
+    def _transition(self) -> Iterator[None]:
+        """Check-then-write under one lock: a scheduler pass and a backup process finishing at the same
+        moment never raise (or resolve) the same alert twice."""
+        fd = os.open(os.path.join(self.dir, "alerts.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def raise_once(self, a: Alert) -> Alert | None:
+        """Store ``a`` unless an alert of its kind is already open for its job; the new alert or None."""
+        with self._transition():
+            if self.open_for(a.job, a.kind) is not None:
+                return None
+            return self.put(a)
+
+    def resolve(self, job: str, kind: str, now_ns: int, record: str = "") -> Alert | None:
+        """Resolve the open alert of this kind for this job, if any; the resolved alert or None."""
+        with self._transition():
+            a = self.open_for(job, kind)
+            if a is None:
+                return None
+            return self.put(replace(a, resolved_ns=now_ns, record=record or a.record))
+
+
+def job_finished(rec: JobRecord, alerts: AlertStore, hook: AlertHook | None, now_ns: int) -> Alert | None:
+    """A record reached its final status: a failure raises a ``job-failed`` alert (unless one is already
+    open for the job), a good run resolves it. The hook hears each transition once."""
+    if rec.status == "failed":
+        what = f"job {rec.job} failed" + (f" on {rec.host}" if rec.host else "") + (f": {rec.error}" if rec.error else "")
+        a = alerts.raise_once(Alert(uuid.uuid4().hex[:16], "job-failed", rec.job, rec.tenant, what, now_ns,
+                                    host=rec.host, record=rec.id))
+        phase = "raised"
+    elif rec.status in GOOD:
+        a = alerts.resolve(rec.job, "job-failed", now_ns, rec.id)
+        phase = "resolved"
+    else:
+        return None
+    if a is not None and hook is not None:
+        _call_hook(hook, phase, a)
+    return a
+
+
+def _call_hook(hook: AlertHook, phase: str, a: Alert) -> None:
+    try:
+        hook(phase, a)
+    except Exception as e:  # noqa: BLE001 - a notification never fails the job
+        log.warning("notification for alert %s (%s) failed: %s", a.id, a.job, e)
+
+
+def alert_hook(cfg: Config | None, directory: str) -> AlertHook | None:
+    """The configured notifier (``[notify]``) as an alert hook, or None when nothing is configured."""
+    if cfg is None or not cfg.raw.get("notify"):
+        return None
+    from appliance import notify
+
+    try:
+        notifier = notify.Notifier.from_config(cfg.raw, directory)
+    except InvalidArgument as e:
+        log.warning("notifications are not sent: %s", e)
+        return None
+    if notifier is None:
+        return None
+    store = JobStore(directory)
+
+    def hook(phase: str, a: Alert) -> None:
+        rec = store.get(a.record) if a.record else None
+        details: dict[str, Any] = {"alert raised": _iso(a.raised_ns)}
+        if rec is not None:
+            details.update(record=rec.id, status=rec.status, snapshot=rec.snapshot, exit_code=rec.exit_code,
+                           error=rec.error)
+        if phase == "resolved":
+            kind = "recovered"
+            message = (f"job {a.job} succeeded again" if a.kind == "job-failed"
+                       else f"job {a.job} is within its RPO again") + f" (alert raised {_iso(a.raised_ns)}: {a.message})"
+            details["resolves"] = a.kind
+        else:
+            kind, message = a.kind, a.message
+        notifier.send(notify.Event(kind, a.job, message, a.resolved_ns or a.raised_ns, tenant=a.tenant,
+                                   host=a.host or (rec.host if rec else ""), alert=a.id, details=details))
+
+    return hook
+
+
+def _iso(t_ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_ns / 1e9))
 
 
 class SeenStore:
@@ -547,9 +647,10 @@ def last_good_time(spec: JobSpec, store: JobStore, snapshot_times: Mapping[str, 
 
 
 def evaluate_rpo(specs: Sequence[JobSpec], store: JobStore, alerts: AlertStore, seen: SeenStore, now_ns: int,
-                 snapshot_times: Mapping[str, int] | None = None) -> list[Alert]:
+                 snapshot_times: Mapping[str, int] | None = None, hook: AlertHook | None = None) -> list[Alert]:
     """Raise one ``rpo-missed`` alert per breach, resolve it when the job is back within its RPO.
-    ``snapshot_times``: host/VM -> newest restore point time, so agent jobs count what they pushed."""
+    ``snapshot_times``: host/VM -> newest restore point time, so agent jobs count what they pushed.
+    ``hook`` hears each raise and each resolution once (notifications)."""
     first = seen.first_seen([s.name for s in specs], now_ns)
     raised = []
     for spec in specs:
@@ -562,10 +663,17 @@ def evaluate_rpo(specs: Sequence[JobSpec], store: JobStore, alerts: AlertStore, 
         if now_ns > deadline and open_alert is None:
             age = (now_ns - (last or first[spec.name])) / 3.6e12
             what = f"last good restore point {age:.1f} h ago" if last else f"no good run in {age:.1f} h since configured"
-            raised.append(alerts.put(Alert(uuid.uuid4().hex[:16], "rpo-missed", spec.name, spec.tenant,
-                                           f"job {spec.name} missed its RPO of {spec.rpo}: {what}", now_ns)))
+            a = alerts.raise_once(Alert(uuid.uuid4().hex[:16], "rpo-missed", spec.name, spec.tenant,
+                                        f"job {spec.name} missed its RPO of {spec.rpo}: {what}", now_ns,
+                                        host=spec.host))
+            if a is not None:
+                raised.append(a)
+                if hook is not None:
+                    _call_hook(hook, "raised", a)
         elif now_ns <= deadline and open_alert is not None:
-            alerts.put(replace(open_alert, resolved_ns=now_ns))
+            a = alerts.resolve(spec.name, "rpo-missed", now_ns)
+            if a is not None and hook is not None:
+                _call_hook(hook, "resolved", a)
     return raised
 
 
@@ -677,6 +785,15 @@ def recorded_job(kind: str, host: str, tenant: str = "", job: str | None = None,
         except OSError as e:  # never fail a backup because its record cannot be written
             log.warning("job record %s not written: %s", rec.id, e)
 
+    def finished() -> None:
+        put()
+        if store is None:
+            return
+        try:
+            job_finished(rec, AlertStore(store.dir), alert_hook(cfg, store.dir), clock())
+        except OSError as e:
+            log.warning("alert for job record %s not written: %s", rec.id, e)
+
     put()
     run = JobRun(store, rec)  # type: ignore[arg-type]
     try:
@@ -688,11 +805,11 @@ def recorded_job(kind: str, host: str, tenant: str = "", job: str | None = None,
         rec.exit_code = getattr(e, "exit_code", None) or (e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else None)
         if isinstance(e, SystemExit) and e.code in (0, None):
             rec.status, rec.error = "ok", ""
-        put()
+        finished()
         raise
     rec.end_ns = clock()
     rec.status = "warning" if rec.warnings or rec.skipped_count else "ok"
-    put()
+    finished()
 
 
 def new_queued(spec: JobSpec, scheduled_for_ns: int, now_ns: int) -> JobRecord:
@@ -730,11 +847,12 @@ def run_due(cfg: Config, spawn: Callable[[JobSpec, JobRecord], Any], *, now: Cal
     d = state_dir(cfg)
     store, alerts, seen = JobStore(d), AlertStore(d), SeenStore(d)
     result = RunDueResult()
+    hook = None if dry_run else alert_hook(cfg, d)
     with _scheduler_lock(d):
         if not dry_run:
-            _close_orphans(store, now())
+            _close_orphans(store, now(), alerts, hook)
         return _run_due_locked(specs, caps, store, alerts, seen, result, spawn, now, poll, dry_run, placement,
-                               snapshot_times)
+                               snapshot_times, hook)
 
 
 @contextlib.contextmanager
@@ -751,7 +869,8 @@ def _scheduler_lock(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _close_orphans(store: JobStore, now_ns: int) -> None:
+def _close_orphans(store: JobStore, now_ns: int, alerts: AlertStore | None = None,
+                   hook: AlertHook | None = None) -> None:
     """Records a dead scheduler pass or a killed backup left queued or running, marked failed, so that the
     job becomes due again and the report says what happened."""
     from repo.sessions import process_start
@@ -765,12 +884,14 @@ def _close_orphans(store: JobStore, now_ns: int) -> None:
             continue
         r.status, r.end_ns = "failed", now_ns
         store.put(r)
+        if alerts is not None:
+            job_finished(r, alerts, hook, now_ns)
 
 
 def _run_due_locked(specs: Sequence[JobSpec], caps: Caps, store: JobStore, alerts: AlertStore, seen: SeenStore,
                     result: RunDueResult, spawn: Callable[[JobSpec, JobRecord], Any], now: Callable[[], int],
                     poll: float, dry_run: bool, placement: Placement,
-                    snapshot_times: Mapping[str, int] | None) -> RunDueResult:
+                    snapshot_times: Mapping[str, int] | None, hook: AlertHook | None = None) -> RunDueResult:
     t = now()
     first = seen.first_seen([s.name for s in specs], t)
     waiting: dict[str, tuple[JobSpec, JobRecord, Candidate]] = {}
@@ -825,6 +946,7 @@ def _run_due_locked(specs: Sequence[JobSpec], caps: Caps, store: JobStore, alert
                     final.start_ns = cand_start.get(rid)
                 fill_from_output(final, out, code, now())
                 store.put(final)
+                job_finished(final, alerts, hook, now())  # a command that records itself did this already
             result.finished.append(final)
-    result.alerts = evaluate_rpo(specs, store, alerts, seen, now(), snapshot_times)
+    result.alerts = evaluate_rpo(specs, store, alerts, seen, now(), snapshot_times, hook)
     return result

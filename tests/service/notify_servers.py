@@ -1,0 +1,96 @@
+"""Real notification receivers on loopback for the tests: an SMTP server (aiosmtpd) and a webhook
+HTTP server (http.server in a thread) that can be told to fail."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Mailbox:
+    port: int
+    messages: list[EmailMessage] = field(default_factory=list)
+    logins: list[tuple[bytes, bytes]] = field(default_factory=list)
+    password: bytes = b"s3cret"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd API
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        msg["X-Test-Rcpt"] = ", ".join(envelope.rcpt_tos)
+        self.messages.append(msg)  # type: ignore[arg-type]
+        return "250 OK"
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            self.logins.append((auth_data.login, auth_data.password))
+            return AuthResult(success=auth_data.password == self.password)
+        return AuthResult(success=False)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Mailbox]:
+    box = Mailbox(free_port())
+    ctl = Controller(box, hostname="127.0.0.1", port=box.port, authenticator=box, auth_require_tls=False)
+    ctl.start()
+    try:
+        yield box
+    finally:
+        ctl.stop()
+
+
+@dataclass
+class Hooks:
+    url: str
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    script: list[int] = field(default_factory=list)  # status codes to answer first, then 200 (404 for */gone)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(b) for _h, b in self.requests]
+
+
+@pytest.fixture
+def webhook_server() -> Iterator[Hooks]:
+    hooks = Hooks("")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            hooks.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            if self.path.endswith("/gone"):
+                code = 404
+            else:
+                code = hooks.script.pop(0) if hooks.script else 200
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    hooks.url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        yield hooks
+    finally:
+        srv.shutdown()
+        srv.server_close()
