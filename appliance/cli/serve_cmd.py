@@ -29,6 +29,7 @@ def serve(ctx: Ctx, listen: str | None, state_dir: str | None) -> None:
         settings.listen_host, settings.listen_port = parse_listen(listen)
     if state_dir:
         settings.state_dir = state_dir
+    settings.config = ctx.cfg
     ensure_default_repo(ctx)
     passphrase = ctx.passphrase()  # asked once, before the daemon starts
 

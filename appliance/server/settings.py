@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.config import data_dir
+from appliance.config import Config, data_dir
 from repo.errors import InvalidArgument
 
 DEFAULT_PORT = 8443
@@ -33,6 +33,10 @@ class ServerSettings:
     send_timeout: float = 120.0
     max_connections: int = 512
     workers: int = max(2, os.cpu_count() or 2)  # threads for hashing/sealing uploads
+    metrics_open_on_loopback: bool = False  # GET /metrics without a token from 127.0.0.1/::1 (a local scraper)
+    dashboard_session_minutes: float = 30.0  # a dashboard login ends after this long without a request
+    # The whole config (jobs, [service] state_dir, ...): set by `ihb serve`, read by the dashboard.
+    config: Config = field(default_factory=Config)
 
     @property
     def listen(self) -> str:
@@ -61,6 +65,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 _NUMERIC = {
     "max_blob_body": int, "max_json_body": int, "max_commit_body": int, "header_timeout": float,
     "body_timeout": float, "idle_timeout": float, "send_timeout": float, "max_connections": int, "workers": int,
+    "dashboard_session_minutes": float,
 }
 
 
@@ -77,6 +82,10 @@ def load_settings(table: dict[str, Any], where: str = "config") -> ServerSetting
             if not isinstance(value, list):
                 raise InvalidArgument(f"{where}: [server] hostnames must be a list of names")
             s.hostnames = [str(v) for v in value]
+        elif key == "metrics_open_on_loopback":
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"{where}: [server] metrics_open_on_loopback must be true or false")
+            s.metrics_open_on_loopback = value
         elif key in _NUMERIC:
             try:
                 setattr(s, key, _NUMERIC[key](value))

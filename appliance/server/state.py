@@ -118,8 +118,12 @@ class State:
         return token, rec
 
     def lookup_token(self, token: str) -> TokenRecord | None:
+        return self.lookup_digest(token_digest(token))
+
+    def lookup_digest(self, digest: bytes) -> TokenRecord | None:
+        """The live token with this SHA-256 (a dashboard session keeps the digest, never the token)."""
         with self.env.begin(db=self.db["tokens"]) as txn:
-            v = txn.get(token_digest(token))
+            v = txn.get(digest)
         if v is None:
             return None
         rec = TokenRecord.from_json(bytes(v))

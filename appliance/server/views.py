@@ -1,0 +1,168 @@
+"""What one viewer may see, computed once for the dashboard pages and for /metrics.
+
+Why one module: the tenant boundary must be drawn in exactly one place. Every function takes the
+viewer (a ``Principal``: admin sees all, a tenant token its tenant) and returns only rows of that
+viewer's tenant; the renderers (dashboard.py, metrics.py) never filter on their own.
+
+The sources are the ones the CLI reads: restore points from the repository, job records from
+``appliance.jobs.JobStore`` (the same as `ihb report`), job specs and RPO from the config (`ihb jobs
+list`), repository usage from ``repo.check.repository_info`` (`ihb info`). Restore points pushed by
+network agents have no job record of their own; they are shown as runs of the job ``agent:HOST``,
+built with the same ``fill_record`` the scheduler uses.
+
+Everything here is synchronous and may touch LMDB: the server calls it inside ``to_thread``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from appliance import jobs as J
+from repo.check import repository_info
+
+if TYPE_CHECKING:
+    from appliance.config import Config
+    from repo.repository import Repository
+    from repo.snapshot import Snapshot
+
+    from .app import Principal
+
+USAGE_CACHE_SECONDS = 30.0  # repository_info walks the whole chunk index; scrapes and page loads share it
+
+
+@dataclass
+class RestorePointRow:
+    tenant: str
+    name: str  # host, or VM name
+    kind: str  # "host" | "vm"
+    count: int
+    latest_ns: int
+    job: str = ""
+    rpo: str = ""
+    rpo_seconds: float | None = None
+    rpo_ok: bool | None = None
+
+    def age_seconds(self, now_ns: int) -> float:
+        return max(0.0, (now_ns - self.latest_ns) / 1e9)
+
+
+@dataclass
+class Overview:
+    now_ns: int
+    restore_points: list[RestorePointRow]
+    runs: list[J.JobRecord]  # oldest first
+    specs: list[J.JobSpec]
+    usage: dict[str, Any]
+    last_good: dict[str, J.JobRecord] = field(default_factory=dict)  # job -> newest good run
+
+
+def _tenant_of(snap: Snapshot) -> str:
+    return str(snap.meta.get("tenant", ""))
+
+
+def visible_snapshots(p: Principal, snaps: list[Snapshot]) -> list[Snapshot]:
+    return [s for s in snaps if p.may_see(_tenant_of(s), s.host)]
+
+
+def visible_specs(p: Principal, cfg: Config) -> list[J.JobSpec]:
+    return [s for s in J.load_specs(cfg) if p.may_see(s.tenant, s.host)]
+
+
+def agent_runs(snaps: list[Snapshot], recorded: set[str]) -> list[J.JobRecord]:
+    """Restore points pushed by agents (no job record names them) as job runs ``agent:HOST``."""
+    out = []
+    for s in snaps:
+        if s.id in recorded or s.meta.get("source") != "agent":
+            continue
+        dur = float(s.stats.get("duration", 0) or 0)
+        r = J.JobRecord(id=s.id[:16], job=f"agent:{s.host}", kind="agent", tenant=_tenant_of(s), host=s.host,
+                        trigger="agent", start_ns=s.time_ns, end_ns=s.time_ns + int(dur * 1e9))
+        J.fill_record(r, s.id, s.kind, s.stats, s.errors, s.meta.get("consistency"), s.vm)
+        r.status = "warning" if r.skipped_count else "ok"
+        out.append(r)
+    return out
+
+
+def job_runs(p: Principal, store: J.JobStore, snaps: list[Snapshot]) -> list[J.JobRecord]:
+    """Every run the viewer may see, recorded or pushed, oldest first."""
+    recs = store.all()
+    recorded = {r.snapshot for r in recs if r.snapshot}
+    runs = [r for r in recs if p.may_see(r.tenant, r.host)] + agent_runs(visible_snapshots(p, snaps), recorded)
+    runs.sort(key=lambda r: (r.start_ns or r.queued_ns or 0, r.id))
+    return runs
+
+
+def restore_point_rows(p: Principal, snaps: list[Snapshot], specs: list[J.JobSpec], store: J.JobStore,
+                       now_ns: int) -> list[RestorePointRow]:
+    """Per host and per VM: how many restore points, the newest, and its age against the RPO of the
+    job that produces it (a job's ``host`` names the host or VM)."""
+    rows: dict[tuple[str, str, str], RestorePointRow] = {}
+    for s in visible_snapshots(p, snaps):
+        kind, name = ("vm", s.vm) if s.vm else ("host", s.host)
+        key = (_tenant_of(s), kind, name)
+        row = rows.get(key)
+        if row is None:
+            rows[key] = RestorePointRow(key[0], name, kind, 1, s.time_ns)
+        else:
+            row.count += 1
+            row.latest_ns = max(row.latest_ns, s.time_ns)
+    for row in rows.values():
+        spec = next((s for s in specs if s.rpo is not None and s.host == row.name
+                     and s.tenant in ("", row.tenant)), None)
+        if spec is None or spec.rpo is None:
+            continue
+        last = J.last_good_time(spec, store, {row.name: row.latest_ns})
+        deadline = J.rpo_deadline(spec, last, row.latest_ns)
+        assert deadline is not None and last is not None
+        row.job, row.rpo = spec.name, str(spec.rpo)
+        row.rpo_seconds = (deadline - last) / 1e9
+        row.rpo_ok = now_ns <= deadline
+    return sorted(rows.values(), key=lambda r: (r.tenant, r.kind, r.name))
+
+
+class UsageCache:
+    """``repository_info`` at most every USAGE_CACHE_SECONDS (it reads every chunk entry)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._value: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at > USAGE_CACHE_SECONDS:
+                self._value = repository_info(self.repo)
+                self._at = time.monotonic()
+            return dict(self._value)
+
+
+def usage_for(p: Principal, cache: UsageCache, snaps: list[Snapshot], runs: list[J.JobRecord]) -> dict[str, Any]:
+    """Admin: the whole repository (`ihb info`). Tenant: its own restore points and what its runs
+    added; repository-wide numbers would tell one tenant about the others' data."""
+    if p.is_admin:
+        return {"scope": "repository", **cache.get()}
+    mine = visible_snapshots(p, snaps)
+    original = sum(int(s.stats.get("bytes", 0)) for s in mine)
+    new = sum(r.bytes_new for r in runs)
+    stored = sum(r.bytes_stored for r in runs)
+    return {"scope": "tenant", "snapshots": len(mine), "original_bytes": original, "unique_bytes": new,
+            "stored_chunk_bytes": stored, "dedup_ratio": round(original / new, 2) if new else None,
+            "compression_ratio": round(new / stored, 2) if stored else None}
+
+
+def overview(p: Principal, repo: Repository, cfg: Config, cache: UsageCache) -> Overview:
+    now = time.time_ns()
+    snaps = repo.snapshots()
+    store = J.JobStore(J.state_dir(cfg))
+    specs = visible_specs(p, cfg)
+    runs = job_runs(p, store, snaps)
+    last_good: dict[str, J.JobRecord] = {}
+    for r in runs:
+        if r.status in J.GOOD and r.end_ns and (r.job not in last_good or (last_good[r.job].end_ns or 0) < r.end_ns):
+            last_good[r.job] = r
+    return Overview(now, restore_point_rows(p, snaps, specs, store, now), runs, specs,
+                    usage_for(p, cache, snaps, runs), last_good)
