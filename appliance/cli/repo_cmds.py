@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from appliance.sla import record_verification
 from repo import format as fmt
 from repo.check import check_repository, repository_info
 from repo.crypto import ENCRYPTIONS, KeyMaterial
@@ -66,6 +67,9 @@ def check(ctx: Ctx, read_data: bool, repair: bool) -> None:
     """Verify the repository. Exit 0 when clean, 90 when damage was found."""
     with ctx.open_repo(exclusive=repair) as repo:
         report = check_repository(repo, read_data=read_data, repair=repair)
+    record_verification(ctx.cfg, "check --read-data" if read_data else "check", report.ok,
+                        detail=f"{report.stats['snapshots']} restore points, {len(report.errors)} errors, "
+                               f"{len(report.damaged_chunks)} damaged chunks")
 
     def human() -> None:
         s = report.stats

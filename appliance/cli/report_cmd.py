@@ -50,12 +50,16 @@ def _ratio(v: float | None) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]), default="table",
               show_default=True)
 def report(ctx: Ctx, tenant: str | None, since: str | None, job: str | None, fmt: str) -> None:
-    """Every job run with its sizes, ratios, warnings and consistency level."""
+    """Every job run with its sizes, ratios, warnings and consistency level. JSON and HTML also carry the
+    SLA view (as `ihb sla`): {"runs": [...], "sla": {"rows": [...]}}."""
+    from .sla_cmd import collect_sla, render_html_section
+
     since_ns = ns(parse_when(since)) if since else None
     recs = J.JobStore(J.state_dir(ctx.cfg)).query(tenant, since_ns, job)
     rows = [_row(r) for r in recs]
     if ctx.json or fmt == "json":
-        click.echo(json.dumps([r.to_obj() for r in recs], indent=1, default=str))
+        click.echo(json.dumps({"runs": [r.to_obj() for r in recs], "sla": collect_sla(ctx, tenant)}, indent=1,
+                              default=str))
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -63,7 +67,7 @@ def report(ctx: Ctx, tenant: str | None, since: str | None, job: str | None, fmt
         w.writerows(rows)
         click.echo(buf.getvalue(), nl=False)
     elif fmt == "html":
-        click.echo(render_html(rows, tenant, since))
+        click.echo(render_html(rows, tenant, since, render_html_section(collect_sla(ctx, tenant))))
     else:
         click.echo(f"{'JOB':20} {'STATUS':8} {'START (UTC)':19} {'DUR':>7} {'READ':>10} {'NEW':>10} {'STORED':>10} "
                    f"{'DEDUP':>6} {'COMPR':>6} {'SKIP':>5}  CONSISTENCY")
@@ -78,7 +82,7 @@ def report(ctx: Ctx, tenant: str | None, since: str | None, job: str | None, fmt
         click.echo(f"{len(recs)} runs, {bad} failed")
 
 
-def render_html(rows: list[dict[str, Any]], tenant: str | None, since: str | None) -> str:
+def render_html(rows: list[dict[str, Any]], tenant: str | None, since: str | None, extra: str = "") -> str:
     title = "ihb job report" + (f" - tenant {tenant}" if tenant else "") + (f" since {since}" if since else "")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = []
@@ -90,7 +94,7 @@ def render_html(rows: list[dict[str, Any]], tenant: str | None, since: str | Non
             "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
             "font-size:90%}tr.bad{background:#fdd}tr.warn{background:#ffd}</style></head><body><h1>"
             + html.escape(title) + f"</h1><p>generated {iso(time.time_ns())} UTC, {len(rows)} runs</p><table><tr>"
-            + head + "</tr>" + "".join(body) + "</table></body></html>")
+            + head + "</tr>" + "".join(body) + "</table>" + extra + "</body></html>")
 
 
 @cli.group("jobs")

@@ -9,9 +9,11 @@ import http.server
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +96,30 @@ def webhook_server() -> Iterator[Hooks]:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def late_agent_job(state: Path, hours_ago: float, tenant: str = "beta") -> str:
+    """A ``[[jobs]]`` entry for agent host laptop7 with a 1 h RPO, first seen ``hours_ago`` (so its RPO
+    is already missed: nothing was ever pushed); writes ``seen.json`` into the state directory."""
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "seen.json").write_text(json.dumps({"laptop": time.time_ns() - int(hours_ago * 3600 * 10**9)}))
+    return f"""
+[[jobs]]
+name = "laptop"
+kind = "agent"
+tenant = "{tenant}"
+host = "laptop7"
+rpo = "1h"
+"""
+
+
+def web_job(src: Path, rpo: str = "") -> str:
+    """A ``[[jobs]]`` entry backing up ``src`` as host web1 of tenant acme every minute."""
+    return f"""
+[[jobs]]
+name = "web"
+tenant = "acme"
+host = "web1"
+paths = ["{src}"]
+schedule = "* * * * *"
+""" + (f'rpo = "{rpo}"\n' if rpo else "")

@@ -246,7 +246,7 @@ rpo = "1h"
     assert again["due"] == []  # this minute's firing is done
     rows = list(csv.DictReader(io.StringIO(ihb("report", "--format", "csv", env=env).stdout.decode())))
     assert {r["job"]: r["status"] for r in rows} == {"one": "ok", "two": "failed"}
-    acme = json.loads(ihb("report", "--tenant", "acme", "--format", "json", env=env).stdout)
+    acme = json.loads(ihb("report", "--tenant", "acme", "--format", "json", env=env).stdout)["runs"]
     assert [r["job"] for r in acme] == ["one"] and acme[0]["bytes_read"] == 3000 and acme[0]["queued_seconds"] < 5
     page = ihb("report", "--format", "html", "--since", "1d", env=env).stdout.decode()
     assert page.startswith("<!doctype html>") and "<td>two</td>" in page and 'class="bad"' in page

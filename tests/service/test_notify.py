@@ -10,14 +10,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from appliance import jobs as J
 from appliance import notify as N
 from appliance.config import load_config
-from tests.service.notify_servers import Hooks, Mailbox, free_port, smtp_server, webhook_server  # noqa: F401
+from tests.service.notify_servers import (  # noqa: F401 - fixtures
+    Hooks,
+    Mailbox,
+    free_port,
+    late_agent_job,
+    smtp_server,
+    web_job,
+    webhook_server,
+)
 from tests.util import ihb
 
 SECRET = "hook-secret"
@@ -78,14 +85,7 @@ class _Proc:
 def test_failing_scheduled_job_notifies_once_then_recovers(tmp_path: Path, cli_env: dict[str, str],
                                                           smtp_server: Mailbox, webhook_server: Hooks) -> None:  # noqa: F811
     src = tmp_path / "www"
-    conf = _config(tmp_path, smtp_server, webhook_server, f"""
-[[jobs]]
-name = "web"
-tenant = "acme"
-host = "web1"
-paths = ["{src}"]
-schedule = "* * * * *"
-""")
+    conf = _config(tmp_path, smtp_server, webhook_server, web_job(src))
     cfg = load_config(str(conf))
     env = {**os.environ, **cli_env, "IHB_CONFIG": str(conf)}
 
@@ -136,17 +136,7 @@ schedule = "* * * * *"
 
 def test_missed_rpo_notifies_once_through_the_cli(tmp_path: Path, cli_env: dict[str, str],
                                                    smtp_server: Mailbox, webhook_server: Hooks) -> None:  # noqa: F811
-    conf = _config(tmp_path, smtp_server, webhook_server, """
-[[jobs]]
-name = "laptop"
-kind = "agent"
-tenant = "beta"
-host = "laptop7"
-rpo = "1h"
-""")
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "seen.json").write_text(json.dumps({"laptop": time.time_ns() - 2 * 3600 * 10**9}))
+    conf = _config(tmp_path, smtp_server, webhook_server, late_agent_job(tmp_path / "state", 2))
     env = {**cli_env, "IHB_CONFIG": str(conf)}
     out = json.loads(ihb("jobs", "run-due", "--json", env=env).stdout)
     assert [a["job"] for a in out["alerts"]] == ["laptop"]
