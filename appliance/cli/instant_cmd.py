@@ -16,7 +16,6 @@ import click
 from appliance.config import data_dir
 from appliance.hypervisor import instant
 from appliance.hypervisor.qmp import GuestAgent
-from appliance.sla import record_verification
 from repo.errors import IhbError, InvalidArgument
 from repo.notes import add_note, notes
 from repo.repository import default_cache_root
@@ -227,8 +226,6 @@ def verify_boot(ctx: Ctx, ref: str, expect: str, timeout: float) -> None:
         add_note(repo, snap.id, "verify_boot", {k: v for k, v in result.items() if k != "console_tail"})
         history = notes(repo, snap.id, "verify_boot")
     result["verifications"] = len(history)
-    record_verification(ctx.cfg, "verify-boot", bool(result["ok"]), host=snap.vm or snap.host, snapshot=snap.id,
-                        detail=str(result.get("evidence", "")), seconds=result["seconds"])
     ctx.emit(result, lambda: click.echo(
         f"{snap.vm}@{snap.short_id} {'BOOTS' if result['ok'] else 'DOES NOT BOOT'} ({result.get('evidence')}, "
         f"{result['seconds']} s); recorded with the restore point"))

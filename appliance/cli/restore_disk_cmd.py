@@ -8,7 +8,6 @@ import sys
 
 import click
 
-from appliance.sla import measured_restore
 from repo.errors import InvalidArgument
 from repo.image import restore_disk
 from repo.snapshot import Snapshot
@@ -73,11 +72,8 @@ def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: b
                 sys.stderr.write(f"\r\x1b[K{done}/{total} blocks ({100 * done // total}%)")
 
         try:
-            with measured_restore(ctx.cfg, "restore-disk", snap.vm or snap.host, snap.id,
-                                  str(snap.meta.get("tenant", ""))) as measure:
-                stats = restore_disk(repo, rec, fd, is_block=is_block, changed_only=changed_only,
-                                     verify=not no_verify, progress=progress)
-                measure.done(rec.size)
+            stats = restore_disk(repo, rec, fd, is_block=is_block, changed_only=changed_only,
+                                 verify=not no_verify, progress=progress)
         finally:
             os.close(fd)
         if tty:
