@@ -13,8 +13,6 @@ requests expire (default 24 h) and executed ones are pruned after 30 days.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import time
 import uuid
@@ -24,6 +22,7 @@ from typing import Any
 
 from appliance.audit import AuditLog
 from appliance.config import Config
+from appliance.statefile import exclusive, read_json_list, write_json
 from repo.approvals import ACTIONS, Approval, ApprovalRequired, norm_name
 from repo.errors import InvalidArgument
 
@@ -71,29 +70,15 @@ class ApprovalStore:
 
     @contextlib.contextmanager
     def _edit(self) -> Iterator[dict[str, Request]]:
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.path + ".lock"):
             reqs = self._load()
             yield reqs
             now = time.time_ns()
-            keep = {k: r for k, r in reqs.items()
-                    if r.state == "pending" or now - r.created_ns < KEEP_DONE * 1e9}
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump([asdict(r) for r in keep.values()], f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            os.close(fd)
+            write_json(self.path, [asdict(r) for r in reqs.values()
+                                   if r.state == "pending" or now - r.created_ns < KEEP_DONE * 1e9])
 
     def _load(self) -> dict[str, Request]:
-        try:
-            with open(self.path) as f:
-                return {o["id"]: Request(**o) for o in json.load(f)}
-        except FileNotFoundError:
-            return {}
+        return {o["id"]: Request(**o) for o in read_json_list(self.path)}
 
     def list(self, include_done: bool = False) -> list[Request]:
         now = time.time_ns()

@@ -104,3 +104,15 @@ class ChunkMissing(IntegrityError):
     """A chunk referenced by a restore point is missing from the repository."""
 
     exit_code = 91
+
+
+class TicketRefused(IhbError):
+    """This restore needs a valid restore ticket; ask for one with `ihb restore-request create`."""
+
+    exit_code = 71
+
+
+class RestoreRequestRefused(IhbError):
+    """This restore request cannot be approved or denied by you now (see the message)."""
+
+    exit_code = 72

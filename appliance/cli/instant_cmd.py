@@ -24,8 +24,8 @@ from repo.snapshot import Snapshot
 from . import cli
 from .common import Ctx, common_options
 from .restore_disk_cmd import find_image_snapshot
-
 from .ticket import TICKET_ENV, gate, ticket_option
+
 
 class _StartByDefault(click.Group):
     """`ihb instant-recover VM@SNAP` means `ihb instant-recover start VM@SNAP`."""
@@ -84,18 +84,18 @@ def instant_recover() -> None:
 @click.option("--wait-agent", is_flag=True, help="Also wait until the guest agent answers.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the guest.")
 @click.option("--migrate-to", type=click.Path(file_okay=False), help="Then migrate the disks live to this directory.")
-def start_cmd(ctx: Ctx, ref: str, workdir: str | None, no_network: bool, memory: int | None, cpus: int | None,
 @ticket_option
+def start_cmd(ctx: Ctx, ref: str, workdir: str | None, no_network: bool, memory: int | None, cpus: int | None,
               wait_serial: str | None, wait_agent: bool, timeout: float, migrate_to: str | None,
               ticket: str | None) -> None:
     """Boot REF (VM@SNAPSHOT or VM@latest) from the backup; writes go to overlays, never to the backup."""
     t0 = time.monotonic()
     with ctx.open_repo() as repo:
         snap = find_image_snapshot(repo, ref)
-    wd = _workdir(snap, workdir)
     auth = gate(ctx, snap, kind="instant", paths=[], target=migrate_to or "", ticket=ticket)
     if ticket:
         os.environ[TICKET_ENV] = ticket  # the mount below (`ihb mount --snapshot`) checks it too
+    wd = _workdir(snap, workdir)
     mnt = os.path.join(wd, "mnt")
     _mount_snapshot(ctx, snap, mnt)
     try:
@@ -104,12 +104,12 @@ def start_cmd(ctx: Ctx, ref: str, workdir: str | None, no_network: bool, memory:
                           timeout=timeout, t0=t0)
     except BaseException as e:
         _umount(mnt)
-        raise
         auth.done(f"failed: {e}")
+        raise
     if migrate_to:
         s = instant.migrate(s, migrate_to)
-    ctx.emit(instant.session_summary(s), lambda: click.echo(
     auth.done("running" + (f", migrated to {migrate_to}" if migrate_to else ""))
+    ctx.emit(instant.session_summary(s), lambda: click.echo(
         f"{s.vm} is running from restore point {snap.short_id}: QEMU up {s.timings['running']:.2f} s after the "
         f"command" + "".join(f", {k} {v:.2f} s" for k, v in s.timings.items() if k not in ("running", "overlays"))
         + f"\n  workdir {wd}; overlays keep the guest's writes"

@@ -8,11 +8,14 @@ import subprocess
 
 import click
 
+from appliance.restore_requests import any_ticket_required
 from fusefs.mount import MountError, MountOptions, mount
+from repo.errors import TicketRefused
 from repo.repository import Repository, default_cache_root
 
 from . import cli
 from .common import Ctx, common_options
+from .ticket import gate, ticket_option
 
 
 @cli.command("mount")
@@ -23,7 +26,9 @@ from .common import Ctx, common_options
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs on stderr; Ctrl-C unmounts).")
 @click.option("--cache-size", type=click.IntRange(min=8), default=256, show_default=True, metavar="MB",
               help="Memory for decompressed chunks, in MiB.")
-def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool, cache_size: int) -> None:
+@ticket_option
+def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool, cache_size: int,
+              ticket: str | None) -> None:
     """Mount the repository's restore points read-only at MOUNTPOINT.
 
     \b
@@ -35,6 +40,9 @@ def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool,
     at a DISK.raw. Runs in the background once the mount is ready (-f to stay in the foreground);
     unmount with `ihb umount MOUNTPOINT`. The mount holds a shared repository lock, so prune and gc
     wait until it is unmounted.
+
+    When a tenant's policy requires authorized restores, its restore points are mounted one at a
+    time with --snapshot ID --ticket SECRET (exit code 71 otherwise; see `ihb restore-request`).
     """
     cached: list[bytes | None] = []
 
@@ -50,9 +58,21 @@ def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool,
     def open_repo() -> Repository:
         return Repository.open(repo_path, passphrase, cache_dir=cache_dir)
 
+    auth = None
+    if ticket or any_ticket_required(ctx.cfg):
+        if snapshot is None:
+            raise TicketRefused("some tenants require authorized restores, so the whole repository cannot be "
+                                "mounted: mount one restore point with --snapshot ID --ticket SECRET (ask with "
+                                "`ihb restore-request create ID --kind mount`)")
+        with open_repo() as repo:
+            snap = repo.get_snapshot(snapshot)
+        snapshot = snap.id  # the restore point the ticket was checked for, even if `latest` moves on
+        auth = gate(ctx, snap, kind=("mount", "instant"), paths=[], target=os.path.abspath(mountpoint), ticket=ticket)
     opts = MountOptions(mountpoint=mountpoint, snapshot=snapshot, foreground=foreground,
                         cache_bytes=cache_size * 1024 * 1024)
     mount(open_repo, opts)
+    if auth is not None:
+        auth.done("mounted")
 
 
 @cli.command("umount")

@@ -15,6 +15,7 @@ from repo.image import ImageReader
 from . import cli
 from .common import Ctx, common_options
 from .restore_disk_cmd import find_image_snapshot
+from .ticket import gate, ticket_option
 
 
 @cli.command("nbd-export")
@@ -25,7 +26,9 @@ from .restore_disk_cmd import find_image_snapshot
 @click.option("--socket", "unix", type=click.Path(), help="Listen on this UNIX socket instead of TCP.")
 @click.option("--overlay-dir", type=click.Path(file_okay=False),
               help="Keep writes in copy-on-write overlays here (kept across restarts). Without it: read-only.")
-def nbd_export(ctx: Ctx, ref: str, disks: tuple[str, ...], listen: str, unix: str | None, overlay_dir: str | None) -> None:
+@ticket_option
+def nbd_export(ctx: Ctx, ref: str, disks: tuple[str, ...], listen: str, unix: str | None, overlay_dir: str | None,
+               ticket: str | None) -> None:
     """Serve the disks of REF (VM@SNAPSHOT or VM@latest) over NBD until interrupted.
 
     The restore point is never written: with --overlay-dir, writes go to an overlay file per disk.
@@ -35,6 +38,7 @@ def nbd_export(ctx: Ctx, ref: str, disks: tuple[str, ...], listen: str, unix: st
     chosen = [d for d in snap.disks if not disks or d.name in disks]
     if not chosen:
         raise InvalidArgument(f"restore point {snap.short_id} has no disk {', '.join(disks)}")
+    gate(ctx, snap, kind=("instant", "mount"), paths=list(disks), target=unix or listen, ticket=ticket).done("serving")
     exports = {}
     for d in chosen:
         reader = ImageReader(repo, d)

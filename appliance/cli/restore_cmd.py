@@ -11,6 +11,7 @@ from repo.restore import RestoreOptions, restore_snapshot
 
 from . import cli
 from .common import Ctx, Progress, common_options, human_bytes
+from .ticket import gate, ticket_option
 
 
 @cli.command()
@@ -20,18 +21,23 @@ from .common import Ctx, Progress, common_options, human_bytes
 @click.option("--include", "includes", multiple=True, help="Restore only this path (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in TARGET.")
 @click.option("--numeric-owner", is_flag=True, help="Use recorded uid/gid, not user/group names.")
-def restore(ctx: Ctx, snapshot: str, target: str, includes: tuple[str, ...], overwrite: bool, numeric_owner: bool) -> None:
+@ticket_option
+def restore(ctx: Ctx, snapshot: str, target: str, includes: tuple[str, ...], overwrite: bool, numeric_owner: bool,
+            ticket: str | None) -> None:
     """Restore SNAPSHOT (id prefix, `latest` or HOST@latest) into TARGET.
 
-    Exit code 0: all restored; 90: some files were damaged in the repository and were not restored.
+    Exit code 0: all restored; 90: some files were damaged in the repository and were not restored;
+    71: the tenant requires an approved restore ticket (--ticket) and none valid was given.
     """
     progress = Progress(enabled=None if not ctx.json else False)
     with ctx.open_repo() as repo:
         snap = repo.get_snapshot(snapshot)
-        stats, errors = restore_snapshot(
-            repo, snap, target, RestoreOptions(overwrite=overwrite, includes=list(includes), numeric_owner=numeric_owner),
-            progress,
-        )
+        with gate(ctx, snap, kind=("files", "in-place"), paths=list(includes), target=target, ticket=ticket) as auth:
+            stats, errors = restore_snapshot(
+                repo, snap, target,
+                RestoreOptions(overwrite=overwrite, includes=list(includes), numeric_owner=numeric_owner), progress,
+            )
+            auth.done("ok" if not errors else f"{len(errors)} files failed", {"files": stats["files"]})
     progress.done()
 
     def human() -> None:

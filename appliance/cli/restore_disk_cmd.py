@@ -14,8 +14,8 @@ from repo.snapshot import Snapshot
 
 from . import cli
 from .common import Ctx, common_options, human_bytes
-
 from .ticket import gate, ticket_option
+
 
 def parse_vm_ref(repo_snaps: list[Snapshot], ref: str) -> str:
     """VM@SNAPSHOT -> snapshot ref understood by Repository.get_snapshot (VM@latest, or an id)."""
@@ -63,8 +63,8 @@ def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: b
             raise InvalidArgument(f"{target} exists; pass --force to overwrite it or --changed-only to update it")
         if is_block and not changed_only and not force:
             raise InvalidArgument("refusing to write a block device without --force")
-        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         auth = gate(ctx, snap, kind=("bare-metal", "in-place"), paths=[disk], target=target, ticket=ticket)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         tty = sys.stderr.isatty() and not ctx.json
 
         def progress(done: int, total: int) -> None:
@@ -76,10 +76,10 @@ def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: b
                                  verify=not no_verify, progress=progress)
         finally:
             os.close(fd)
+        auth.done("ok", {"written": stats.get("written")})
         if tty:
             sys.stderr.write("\r\x1b[K")
     ctx.emit({"snapshot": snap.id, "disk": disk, "target": target, **stats},
              lambda: click.echo(f"restored disk {disk} of {snap.vm}@{snap.short_id} ({human_bytes(rec.size)}) to "
-        auth.done("ok", {"written": stats.get("written")})
                                 f"{target}: wrote {human_bytes(stats['written'])}, {stats['skipped_same']} blocks "
                                 f"already right, {stats['holes']} holes, {stats['verified']} blocks verified"))

@@ -16,6 +16,7 @@ from repo.restore import check_name
 from . import cli
 from .common import Ctx, common_options, human_bytes
 from .restore_disk_cmd import find_image_snapshot
+from .ticket import gate, ticket_option
 
 
 class ReaderSource:
@@ -91,7 +92,8 @@ def _copy(fs: GuestFS, path: str, dest: str, overwrite: bool, stats: dict[str, i
 @click.argument("source")
 @click.argument("target", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace existing files in TARGET.")
-def restore_file(ctx: Ctx, ref: str, source: str, target: str, overwrite: bool) -> None:
+@ticket_option
+def restore_file(ctx: Ctx, ref: str, source: str, target: str, overwrite: bool, ticket: str | None) -> None:
     """Copy SOURCE (DISK:/path or DISK:VOLUME/path) out of the disk image of REF (VM@SNAPSHOT) to TARGET.
 
     A directory is copied with everything below it; an existing directory TARGET receives the file.
@@ -112,7 +114,8 @@ def restore_file(ctx: Ctx, ref: str, source: str, target: str, overwrite: bool) 
         if os.path.isdir(target) and path != "/":
             dest = os.path.join(target, os.path.basename(path.rstrip("/")))
         stats = {"files": 0, "bytes": 0}
-        _copy(fs, path, dest, overwrite, stats)
+        with gate(ctx, snap, kind=("files", "in-place"), paths=[source], target=target, ticket=ticket):
+            _copy(fs, path, dest, overwrite, stats)
     ctx.emit({"snapshot": snap.id, "source": source, "target": dest, **stats},
              lambda: click.echo(f"restored {stats['files']} files ({human_bytes(stats['bytes'])}) from "
                                 f"{snap.vm}@{snap.short_id} {source} to {dest}"))
