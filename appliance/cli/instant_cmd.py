@@ -25,6 +25,7 @@ from repo.snapshot import Snapshot
 from . import cli
 from .common import Ctx, common_options
 from .restore_disk_cmd import find_image_snapshot
+from .ticket import TICKET_ENV, gate, ticket_option
 
 
 class _StartByDefault(click.Group):
@@ -84,12 +85,17 @@ def instant_recover() -> None:
 @click.option("--wait-agent", is_flag=True, help="Also wait until the guest agent answers.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the guest.")
 @click.option("--migrate-to", type=click.Path(file_okay=False), help="Then migrate the disks live to this directory.")
+@ticket_option
 def start_cmd(ctx: Ctx, ref: str, workdir: str | None, no_network: bool, memory: int | None, cpus: int | None,
-              wait_serial: str | None, wait_agent: bool, timeout: float, migrate_to: str | None) -> None:
+              wait_serial: str | None, wait_agent: bool, timeout: float, migrate_to: str | None,
+              ticket: str | None) -> None:
     """Boot REF (VM@SNAPSHOT or VM@latest) from the backup; writes go to overlays, never to the backup."""
     t0 = time.monotonic()
     with ctx.open_repo() as repo:
         snap = find_image_snapshot(repo, ref)
+    auth = gate(ctx, snap, kind="instant", paths=[], target=migrate_to or "", ticket=ticket)
+    if ticket:
+        os.environ[TICKET_ENV] = ticket  # the mount below (`ihb mount --snapshot`) checks it too
     wd = _workdir(snap, workdir)
     mnt = os.path.join(wd, "mnt")
     _mount_snapshot(ctx, snap, mnt)
@@ -97,11 +103,13 @@ def start_cmd(ctx: Ctx, ref: str, workdir: str | None, no_network: bool, memory:
         s = instant.start(snap, wd, mnt, lambda disk: os.path.join(mnt, f"{disk}.raw"), network=not no_network,
                           memory_mb=memory, cpus=cpus, wait_serial=wait_serial, wait_agent=wait_agent,
                           timeout=timeout, t0=t0)
-    except BaseException:
+    except BaseException as e:
         _umount(mnt)
+        auth.done(f"failed: {e}")
         raise
     if migrate_to:
         s = instant.migrate(s, migrate_to)
+    auth.done("running" + (f", migrated to {migrate_to}" if migrate_to else ""))
     ctx.emit(instant.session_summary(s), lambda: click.echo(
         f"{s.vm} is running from restore point {snap.short_id}: QEMU up {s.timings['running']:.2f} s after the "
         f"command" + "".join(f", {k} {v:.2f} s" for k, v in s.timings.items() if k not in ("running", "overlays"))

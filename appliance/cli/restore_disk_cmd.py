@@ -15,6 +15,7 @@ from repo.snapshot import Snapshot
 
 from . import cli
 from .common import Ctx, common_options, human_bytes
+from .ticket import gate, ticket_option
 
 
 def parse_vm_ref(repo_snaps: list[Snapshot], ref: str) -> str:
@@ -44,7 +45,9 @@ def find_image_snapshot(ctx_repo, ref: str) -> Snapshot:  # type: ignore[no-unty
 @click.option("--changed-only", is_flag=True, help="Rewrite only blocks that differ from what TARGET holds.")
 @click.option("--no-verify", is_flag=True, help="Skip reading TARGET back against the stored digests.")
 @click.option("--force", is_flag=True, help="Allow overwriting an existing file or a block device.")
-def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: bool, no_verify: bool, force: bool) -> None:
+@ticket_option
+def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: bool, no_verify: bool, force: bool,
+                     ticket: str | None) -> None:
     """Write DISK of restore point REF (VM@SNAPSHOT or VM@latest) to TARGET (file or block device).
 
     Holes stay holes in files; the result is verified against the restore point's digests.
@@ -61,6 +64,7 @@ def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: b
             raise InvalidArgument(f"{target} exists; pass --force to overwrite it or --changed-only to update it")
         if is_block and not changed_only and not force:
             raise InvalidArgument("refusing to write a block device without --force")
+        auth = gate(ctx, snap, kind=("bare-metal", "in-place"), paths=[disk], target=target, ticket=ticket)
         fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         tty = sys.stderr.isatty() and not ctx.json
 
@@ -76,6 +80,7 @@ def restore_disk_cmd(ctx: Ctx, ref: str, disk: str, target: str, changed_only: b
                 measure.done(rec.size)
         finally:
             os.close(fd)
+        auth.done("ok", {"written": stats.get("written")})
         if tty:
             sys.stderr.write("\r\x1b[K")
     ctx.emit({"snapshot": snap.id, "disk": disk, "target": target, **stats},
