@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from appliance.sla import measured_restore
 from repo.errors import IntegrityError
 from repo.restore import RestoreOptions, restore_snapshot
 
@@ -32,11 +33,13 @@ def restore(ctx: Ctx, snapshot: str, target: str, includes: tuple[str, ...], ove
     progress = Progress(enabled=None if not ctx.json else False)
     with ctx.open_repo() as repo:
         snap = repo.get_snapshot(snapshot)
-        with gate(ctx, snap, kind=("files", "in-place"), paths=list(includes), target=target, ticket=ticket) as auth:
+        with gate(ctx, snap, kind=("files", "in-place"), paths=list(includes), target=target, ticket=ticket) as auth, \
+                measured_restore(ctx.cfg, "restore", snap.host, snap.id, str(snap.meta.get("tenant", ""))) as measure:
             stats, errors = restore_snapshot(
                 repo, snap, target,
                 RestoreOptions(overwrite=overwrite, includes=list(includes), numeric_owner=numeric_owner), progress,
             )
+            measure.done(stats["bytes"], stats["files"], [f"{len(errors)} files failed"] if errors else [])
             auth.done("ok" if not errors else f"{len(errors)} files failed", {"files": stats["files"]})
     progress.done()
 

@@ -64,6 +64,9 @@ rpo = "4h"
     assert abs(vm["restore_bytes_per_second"] - (8 << 20) / vm["restore_seconds"]) < 0.01 * vm["restore_bytes_per_second"]
     assert vm["restore_measured_ns"] > t0
     assert rows["web"]["restore_bytes_per_second"] is None  # web1 was never restored
+    ihb("restore", "web1@latest", str(tmp_path / "back"), env=env)
+    web = {r["job"]: r for r in json.loads(ihb("sla", "--json", env=env, check=False).stdout)["rows"]}["web"]
+    assert web["restore_kind"] == "restore" and web["restore_bytes"] == 300_000 and web["restore_bytes_per_second"] > 0
 
     # a damaged repository: the failed check shows; the last good verification stays the earlier one
     ok_at = vm["last_verified_ns"]
