@@ -18,6 +18,16 @@ What is supported (everything else is "all used"):
   not-yet-checkpointed transactions stay "used". bigalloc, external journals, fast-commit
   journals and file systems marked as having errors are skipped.
 * **FAT12/16/32** - a cluster is free only if it is free in *every* FAT copy.
+* **XFS** (v4 and v5) - per allocation group, the by-block free-space B+tree of the AGF, every
+  block checked (magic, level, and on v5 CRC, owner AG, location and UUID), cross-checked against
+  the by-size tree, ``agf_freeblks`` and ``agf_longest``; AGFL blocks (reserved for btree growth)
+  and the trees' own blocks must lie outside every free extent. Any mismatch: that AG is used.
+  Only when the log ends with an unmount record (see :func:`_xfs_log_must_be_clean`): the AGFs
+  of a mounted, crashed *or frozen* XFS can be older than the log, so those are all used.
+* **NTFS** - clusters whose ``$Bitmap`` bit is clear, only when ``$Volume`` is not dirty and the
+  ``$LogFile`` is provably clean (empty, or every restart area says clean); the bitmap's length
+  must fit the cluster count and the metafiles ($MFT, $MFTMirr, $LogFile, $Bitmap, $Boot) must be
+  marked used. A Windows volume that is in use, hibernated or "fast-started" is all used.
 
 Never reported free: anything outside a recognised file system (partition gaps hold boot loaders
 such as GRUB's core.img), partition tables, LVM metadata, swap.
@@ -25,11 +35,14 @@ such as GRUB's core.img), partition tables, LVM metadata, swap.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from repo.guestfs.filesystems import crc32c_raw
 from repo.guestfs.source import ByteSource, SourceReader
@@ -68,8 +81,6 @@ class FreeMap:
 
     def is_free(self, offset: int, length: int) -> bool:
         """True if all of ``[offset, offset + length)`` lies inside one free extent."""
-        import bisect
-
         idx = bisect.bisect_right(self.extents, (offset, float("inf"))) - 1
         if idx < 0:
             return False
@@ -97,24 +108,31 @@ def volume_free_extents(vol: Volume) -> tuple[str, list[tuple[int, int]], str]:
     """``(fs kind, free ranges relative to the volume, note)``; no ranges when unsure."""
     src = vol.source
     head = src.read_at(0, 2048)
+    kind, reader = _detect(head)
+    if reader is None:
+        return kind, [], "no supported file system; treated as used"
     try:
-        if len(head) >= 1082 and head[1080:1082] == b"\x53\xef":
-            return "ext", _ext_free(src), ""
-        from repo.guestfs.filesystems import _looks_like_fat
-
-        if head[3:11] not in (b"NTFS    ", b"EXFAT   ") and _looks_like_fat(head + bytes(4096 - len(head))):
-            return "vfat", _fat_free(src), ""
+        return kind, reader(src), ""
     except _Skip as exc:
         log.info("volume %d: free space not used: %s", vol.index, exc)
-        return "ext" if head[1080:1082] == b"\x53\xef" else "vfat", [], str(exc)
+        return kind, [], str(exc)
     except (OSError, ValueError, struct.error) as exc:
         log.warning("volume %d: free-space metadata unreadable, treated as used: %s", vol.index, exc)
-        return "?", [], f"metadata unreadable: {exc}"
+        return kind, [], f"metadata unreadable: {exc}"
+
+
+def _detect(head: bytes) -> tuple[str, Callable[[ByteSource], list[tuple[int, int]]] | None]:
+    from repo.guestfs.filesystems import _looks_like_fat
+
+    if len(head) >= 1082 and head[1080:1082] == b"\x53\xef":
+        return "ext", _ext_free
     if head[:4] == b"XFSB":
-        return "xfs", [], "free space of XFS is not evaluated; treated as used"
+        return "xfs", _xfs_free
     if head[3:11] == b"NTFS    ":
-        return "ntfs", [], "free space of NTFS is not evaluated; treated as used"
-    return "", [], "no supported file system; treated as used"
+        return "ntfs", _ntfs_free
+    if head[3:11] != b"EXFAT   " and _looks_like_fat(head + bytes(4096 - len(head))):
+        return "vfat", _fat_free
+    return "", None
 
 
 def align_extents(extents: list[tuple[int, int]], granularity: int) -> list[tuple[int, int]]:
@@ -624,6 +642,510 @@ def _fat_entry(fat: bytes, cluster: int, bits: int) -> int:
     off = cluster + cluster // 2
     value = int.from_bytes(fat[off : off + 2], "little")
     return value >> 4 if cluster & 1 else value & 0xFFF
+
+
+# === XFS ==========================================================================================
+#
+# Free space of each allocation group is the by-block-number free-space B+tree (bnobt) of its AGF,
+# cross-checked against the by-size tree (cntbt), agf_freeblks and agf_longest. Blocks on the AGFL
+# are never in these trees (they are reserved for btree growth) and are additionally required not
+# to overlap any reported extent. The on-disk AGFs are only the current truth when the log holds
+# nothing that recovery would replay, so the log must end with an unmount record (written by a
+# clean unmount and by freeze); otherwise the whole file system is treated as used.
+
+_XFS_SB_CRC_OFF = 224
+_XFS_AGF_CRC_OFF = 216
+_XFS_AGFL_CRC_OFF = 32
+_XFS_AGFL_HDR_V5 = 36
+_XFS_BTREE_CRC_OFF = 52
+_XFS_BTREE_HDR_V5 = 56
+_XFS_BTREE_HDR_V4 = 16
+_XFS_BTREE_MAXLEVELS = 9
+_XFS_INCOMPAT_META_UUID = 0x4
+#: v5 incompat features whose AG free-space structures this reader understands: ftype, sparse
+#: inodes, meta_uuid, bigtime, nrext64, exchange-range, parent pointers. Anything else (metadir
+#: and realtime groups, needsrepair = 0x10) makes the file system "all used".
+_XFS_INCOMPAT_KNOWN = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+#: finobt, rmapbt, reflink, inobtcount
+_XFS_RO_COMPAT_KNOWN = 0x1 | 0x2 | 0x4 | 0x8
+_XLOG_HEADER_MAGIC = 0xFEEDBABE
+_XLOG_UNMOUNT_TRANS = 0x20
+_XLOG_VERSION_2 = 2
+_XLOG_HEADER_CYCLE_SIZE = 32 * 1024
+_XLOG_SEARCH_BACK = 4096  # basic blocks searched back from the head for the last record header
+_BB = 512
+
+
+@dataclass
+class _XfsSuper:
+    block_size: int
+    sect_size: int
+    dblocks: int
+    agblocks: int
+    agcount: int
+    agblklog: int
+    v5: bool
+    uuid: bytes  # the UUID stamped into metadata blocks (sb_meta_uuid with the META_UUID feature)
+    fs_uuid: bytes
+    log_start: int  # file system block number of the internal log
+    log_blocks: int
+
+    def ag_byte(self, agno: int, agbno: int) -> int:
+        return (agno * self.agblocks + agbno) * self.block_size
+
+    def ag_length(self, agno: int) -> int:
+        return min(self.agblocks, self.dblocks - agno * self.agblocks)
+
+    def fsb_to_byte(self, fsb: int) -> int:
+        return self.ag_byte(fsb >> self.agblklog, fsb & ((1 << self.agblklog) - 1))
+
+
+def _xfs_crc_ok(buf: bytes, off: int) -> bool:
+    """XFS metadata checksum: CRC32C of the buffer with the (little-endian) CRC field zeroed."""
+    (stored,) = struct.unpack_from("<I", buf, off)
+    crc = crc32c_raw(0xFFFFFFFF, buf[:off] + b"\0\0\0\0" + buf[off + 4 :])
+    return stored == (~crc & 0xFFFFFFFF)
+
+
+def _read_xfs_super(src: ByteSource) -> _XfsSuper:
+    sb = src.read_at(0, 512)
+    if len(sb) < 512 or sb[:4] != b"XFSB":
+        raise _Skip("no XFS superblock")
+    (block_size,) = struct.unpack_from(">I", sb, 4)
+    (dblocks,) = struct.unpack_from(">Q", sb, 8)
+    (log_start,) = struct.unpack_from(">Q", sb, 48)
+    agblocks, agcount, _rbmblocks, log_blocks = struct.unpack_from(">IIII", sb, 84)
+    versionnum, sect_size = struct.unpack_from(">HH", sb, 100)
+    blocklog, sectlog, agblklog, inprogress = sb[120], sb[121], sb[124], sb[126]
+    incompat, _log_incompat = struct.unpack_from(">II", sb, 216)
+    (ro_compat,) = struct.unpack_from(">I", sb, 212)
+    version = versionnum & 0xF
+    if version not in (4, 5):
+        raise _Skip(f"XFS superblock version {version} is not evaluated")
+    v5 = version == 5
+    if not 512 <= sect_size <= 32768 or sect_size != 1 << sectlog:
+        raise _Skip(f"implausible XFS sector size {sect_size}")
+    sb = src.read_at(0, sect_size)
+    if len(sb) != sect_size:
+        raise _Skip("XFS superblock unreadable")
+    if v5 and not _xfs_crc_ok(sb, _XFS_SB_CRC_OFF):
+        raise _Skip("XFS superblock checksum mismatch")
+    if inprogress:
+        raise _Skip("XFS mkfs did not finish (sb_inprogress)")
+    if v5 and incompat & ~_XFS_INCOMPAT_KNOWN:
+        raise _Skip(
+            f"XFS incompatible features {incompat:#x} are not evaluated (or the file system needs repair)"
+        )
+    if v5 and ro_compat & ~_XFS_RO_COMPAT_KNOWN:
+        raise _Skip(f"XFS read-only-compatible features {ro_compat:#x} are not evaluated")
+    if not 512 <= block_size <= 65536 or block_size != 1 << blocklog or block_size < sect_size:
+        raise _Skip(f"implausible XFS block size {block_size}")
+    if (
+        not agblocks
+        or not agcount
+        or agblklog > 31
+        or agblocks > 1 << agblklog
+        or agblocks <= 1 << agblklog >> 1
+    ):
+        raise _Skip("implausible XFS allocation group geometry")
+    if not (agcount - 1) * agblocks < dblocks <= agcount * agblocks:
+        raise _Skip("XFS size does not match its allocation groups")
+    if dblocks * block_size > src.size:
+        raise _Skip("file system is larger than its volume (truncated image?)")
+    if not log_start:
+        raise _Skip("external XFS log: its cleanness cannot be checked")
+    uuid = sb[32:48]
+    meta_uuid = sb[248:264] if v5 and incompat & _XFS_INCOMPAT_META_UUID else uuid
+    return _XfsSuper(
+        block_size,
+        sect_size,
+        dblocks,
+        agblocks,
+        agcount,
+        agblklog,
+        v5,
+        meta_uuid,
+        uuid,
+        log_start,
+        log_blocks,
+    )
+
+
+def _xfs_free(src: ByteSource) -> list[tuple[int, int]]:
+    sb = _read_xfs_super(src)
+    log_agno = sb.log_start >> sb.agblklog
+    log_agbno = sb.log_start & ((1 << sb.agblklog) - 1)
+    if log_agno >= sb.agcount or log_agbno + sb.log_blocks > sb.ag_length(log_agno) or sb.log_blocks < 64:
+        raise _Skip("XFS internal log lies outside its allocation group")
+    _xfs_log_must_be_clean(src, sb, sb.ag_byte(log_agno, log_agbno), sb.log_blocks * sb.block_size)
+    free: list[tuple[int, int]] = []
+    for agno in range(sb.agcount):
+        try:
+            extents = _xfs_ag_free(src, sb, agno)
+        except _Skip as exc:
+            log.warning("xfs AG %d: %s; treated as used", agno, exc)
+            continue
+        if agno == log_agno:
+            end = log_agbno + sb.log_blocks
+            if any(start < end and log_agbno < start + count for start, count in extents):
+                log.warning("xfs AG %d: free space overlaps the log; treated as used", agno)
+                continue
+        bs = sb.block_size
+        free.extend((sb.ag_byte(agno, start), count * bs) for start, count in extents)
+    return _merge(free)
+
+
+def _xfs_ag_free(src: ByteSource, sb: _XfsSuper, agno: int) -> list[tuple[int, int]]:
+    """Free extents ``(agbno, count)`` of one AG, or :class:`_Skip` when anything is off."""
+    ss = sb.sect_size
+    base = sb.ag_byte(agno, 0)
+    length = sb.ag_length(agno)
+    agf = src.read_at(base + ss, ss)
+    if len(agf) != ss or agf[:4] != b"XAGF":
+        raise _Skip("AGF magic missing")
+    version, seqno, agf_length = struct.unpack_from(">III", agf, 4)
+    bno_root, cnt_root = struct.unpack_from(">II", agf, 16)
+    bno_level, cnt_level = struct.unpack_from(">II", agf, 28)
+    flfirst, fllast, flcount, freeblks, longest = struct.unpack_from(">IIIII", agf, 40)
+    if sb.v5 and not _xfs_crc_ok(agf, _XFS_AGF_CRC_OFF):
+        raise _Skip("AGF checksum mismatch")
+    if version != 1 or seqno != agno or agf_length != length:
+        raise _Skip("AGF version, sequence number or length is wrong")
+    if sb.v5 and agf[64:80] != sb.uuid:
+        raise _Skip("AGF belongs to another file system")
+    if freeblks > length or longest > freeblks:
+        raise _Skip("AGF free counters are implausible")
+    header_blocks = -(-4 * ss // sb.block_size)  # superblock, AGF, AGI, AGFL sectors
+    reserved = set(range(header_blocks))
+    reserved |= _xfs_agfl_blocks(src, sb, agno, flfirst, fllast, flcount)
+    v5 = sb.v5
+    bno, bno_nodes = _xfs_alloc_btree(src, sb, agno, bno_root, bno_level, b"AB3B" if v5 else b"ABTB")
+    cnt, cnt_nodes = _xfs_alloc_btree(src, sb, agno, cnt_root, cnt_level, b"AB3C" if v5 else b"ABTC")
+    if any(b >= length for b in reserved | bno_nodes | cnt_nodes):
+        raise _Skip("AG metadata block out of range")
+    prev_end = 0
+    for start, count in bno:
+        if count == 0 or start < prev_end or start + count > length:
+            raise _Skip("free-space btree records overlap, are unsorted or leave the AG")
+        prev_end = start + count
+    if cnt != sorted(cnt, key=lambda r: (r[1], r[0])):
+        raise _Skip("by-size free-space btree is unsorted")
+    if sorted(cnt) != bno:
+        raise _Skip("by-block and by-size free-space btrees disagree")
+    if sum(c for _s, c in bno) != freeblks or max((c for _s, c in bno), default=0) != longest:
+        raise _Skip("free-space btree disagrees with the AGF free counters")
+    used = sorted(reserved | bno_nodes | cnt_nodes)
+    for start, count in bno:
+        i = bisect.bisect_left(used, start)
+        if i < len(used) and used[i] < start + count:
+            raise _Skip(f"block {used[i]} is AG metadata but inside a free extent")
+    return bno
+
+
+def _xfs_agfl_blocks(
+    src: ByteSource, sb: _XfsSuper, agno: int, first: int, last: int, count: int
+) -> set[int]:
+    ss = sb.sect_size
+    agfl = src.read_at(sb.ag_byte(agno, 0) + 3 * ss, ss)
+    if len(agfl) != ss:
+        raise _Skip("AGFL unreadable")
+    hdr = 0
+    if sb.v5:
+        hdr = _XFS_AGFL_HDR_V5
+        if agfl[:4] != b"XAFL" or struct.unpack_from(">I", agfl, 4)[0] != agno or agfl[8:24] != sb.uuid:
+            raise _Skip("AGFL header is wrong")
+        if not _xfs_crc_ok(agfl, _XFS_AGFL_CRC_OFF):
+            raise _Skip("AGFL checksum mismatch")
+    size = (ss - hdr) // 4
+    if count > size or first >= size or last >= size:
+        raise _Skip("AGFL indexes out of range")
+    if count and (first + count - 1) % size != last:
+        raise _Skip("AGFL first/last/count disagree")
+    blocks = {struct.unpack_from(">I", agfl, hdr + 4 * ((first + i) % size))[0] for i in range(count)}
+    if len(blocks) != count:
+        raise _Skip("AGFL lists a block twice")
+    return blocks
+
+
+def _xfs_alloc_btree(
+    src: ByteSource, sb: _XfsSuper, agno: int, root: int, levels: int, magic: bytes
+) -> tuple[list[tuple[int, int]], set[int]]:
+    """All leaf records ``(startblock, blockcount)`` in tree order, and the tree's own blocks."""
+    if not 1 <= levels <= _XFS_BTREE_MAXLEVELS:
+        raise _Skip(f"implausible {magic.decode()} btree height {levels}")
+    bs = sb.block_size
+    length = sb.ag_length(agno)
+    hdr = _XFS_BTREE_HDR_V5 if sb.v5 else _XFS_BTREE_HDR_V4
+    records: list[tuple[int, int]] = []
+    nodes: set[int] = set()
+    stack = [(root, levels - 1)]
+    while stack:
+        agbno, level = stack.pop()
+        if agbno >= length or agbno in nodes:
+            raise _Skip(f"{magic.decode()} btree pointer out of range or looping")
+        nodes.add(agbno)
+        block = src.read_at(sb.ag_byte(agno, agbno), bs)
+        if len(block) != bs or block[:4] != magic:
+            raise _Skip(f"{magic.decode()} btree block {agbno}: bad magic")
+        blevel, numrecs = struct.unpack_from(">HH", block, 4)
+        if sb.v5:
+            daddr, owner = struct.unpack_from(">Q", block, 16)[0], struct.unpack_from(">I", block, 48)[0]
+            if daddr != sb.ag_byte(agno, agbno) // _BB or owner != agno or block[32:48] != sb.uuid:
+                raise _Skip(f"{magic.decode()} btree block {agbno}: wrong owner or location")
+            if not _xfs_crc_ok(block, _XFS_BTREE_CRC_OFF):
+                raise _Skip(f"{magic.decode()} btree block {agbno}: checksum mismatch")
+        if blevel != level:
+            raise _Skip(f"{magic.decode()} btree block {agbno}: level {blevel}, expected {level}")
+        if level == 0:
+            if numrecs > (bs - hdr) // 8 or (numrecs == 0 and levels > 1):
+                raise _Skip(f"{magic.decode()} btree block {agbno}: implausible record count")
+            vals = struct.unpack_from(f">{2 * numrecs}I", block, hdr)
+            records.extend(zip(vals[0::2], vals[1::2], strict=True))
+            continue
+        maxrecs = (bs - hdr) // 12
+        if not 1 <= numrecs <= maxrecs:
+            raise _Skip(f"{magic.decode()} btree block {agbno}: implausible key count")
+        ptrs = struct.unpack_from(f">{numrecs}I", block, hdr + 8 * maxrecs)
+        stack.extend((p, level - 1) for p in reversed(ptrs))  # depth first, left to right
+    return records, nodes
+
+
+def _xfs_log_must_be_clean(src: ByteSource, sb: _XfsSuper, start: int, size: int) -> None:
+    """:class:`_Skip` unless the log's last record is an unmount record, as in ``xlog_find_tail``.
+
+    Every 512-byte basic block of the log begins with the cycle number it was written in (a
+    record header holds it in its second word). The log is read completely - its size is about
+    1/2000 of the file system's - and must consist of one run of cycle ``C`` from its start,
+    followed only by blocks of cycle ``C - 1``: the head is at the change. Anything else (a torn
+    or out-of-order write of a live log) means not provably clean. The last record before the
+    head must be a single-op record flagged ``XLOG_UNMOUNT_TRANS`` that ends exactly at the head
+    and whose CRC is correct.
+    """
+    from array import array
+
+    nbb = size // _BB
+    cycles = array("I")
+    step = 1 << 20
+    for off in range(0, size, step):
+        raw = src.read_at(start + off, min(step, size - off))
+        if len(raw) != min(step, size - off):
+            raise _Skip("XFS log unreadable")
+        words = array("I", raw)
+        if sys.byteorder == "little":
+            words.byteswap()
+        first, second = words[0::128], words[1::128]
+        cycles.extend(c2 if c1 == _XLOG_HEADER_MAGIC else c1 for c1, c2 in zip(first, second, strict=True))
+    cycle = cycles[0]
+    head = next((i for i, c in enumerate(cycles) if c != cycle), nbb)
+    if cycle == 0 or any(c != cycle - 1 for c in cycles[head:]):
+        raise _Skip("XFS log is not cleanly written (needs recovery or was copied while in use)")
+    head %= nbb
+
+    def bb(index: int, count: int = 1) -> bytes:
+        parts = []
+        for i in range(index, index + count):
+            parts.append(src.read_at(start + (i % nbb) * _BB, _BB))
+        return b"".join(parts)
+
+    for back in range(1, min(_XLOG_SEARCH_BACK, nbb) + 1):
+        blk = (head - back) % nbb
+        hdr = bb(blk)
+        if struct.unpack_from(">I", hdr)[0] == _XLOG_HEADER_MAGIC:
+            break
+    else:
+        raise _Skip("no XFS log record header before the head")
+    _magic, h_cycle, h_version, h_len, h_lsn = struct.unpack_from(">IIIIQ", hdr)
+    (h_crc,) = struct.unpack_from("<I", hdr, 32)
+    (num_logops,) = struct.unpack_from(">i", hdr, 40)
+    (h_size,) = struct.unpack_from(">i", hdr, 320)
+    if h_lsn != (h_cycle << 32 | blk) or hdr[304:320] != sb.fs_uuid:
+        raise _Skip("XFS log record header is inconsistent")
+    hblks = 1
+    if h_version & _XLOG_VERSION_2 and h_size > _XLOG_HEADER_CYCLE_SIZE:
+        hblks = -(-h_size // _XLOG_HEADER_CYCLE_SIZE)
+    data_bbs = -(-h_len // _BB)
+    if (blk + hblks + data_bbs) % nbb != head or num_logops != 1 or data_bbs == 0:
+        raise _Skip("XFS log does not end with an unmount record (needs recovery)")
+    body = bb(blk, hblks + data_bbs)
+    data = body[hblks * _BB :]
+    if not data[9] & _XLOG_UNMOUNT_TRANS:
+        raise _Skip("XFS log does not end with an unmount record (needs recovery)")
+    if sb.v5 or h_crc:
+        ext = body[_BB : hblks * _BB]
+        # sizeof(struct xlog_rec_header) is 328 on 64-bit Linux (trailing padding) and 324 on 32-bit
+        if not any(_xfs_crc_ok(hdr[:n] + ext + data[:h_len], 32) for n in (328, 324)):
+            raise _Skip("XFS log unmount record checksum mismatch")
+
+
+# === NTFS =========================================================================================
+#
+# A cluster is free when its bit in the $Bitmap file (MFT record 6) is clear. The bitmap on disk
+# is only complete when nothing is pending in the $LogFile: Windows logs metadata changes and
+# applies them later, so a volume in use (or hibernated, or "fast startup") can have clusters
+# allocated that the on-disk bitmap does not show yet. The volume is therefore evaluated only when
+# the $LogFile is provably clean (every restart page says "clean", or the log is empty, as ntfs-3g
+# leaves it) and $Volume is not marked dirty.
+
+_NTFS_VOLUME_IS_DIRTY = 0x0001
+_NTFS_RESTART_VOLUME_IS_CLEAN = 0x0002
+_NTFS_LOGFILE_NO_CLIENT = 0xFFFF
+_NTFS_BLOCK = 512
+_NTFS_LOGFILE_PROBE = 64 * 1024  # restart pages sit in the first two (system) pages
+_NTFS_METAFILES = (0, 1, 2, 6, 7)  # $MFT, $MFTMirr, $LogFile, $Bitmap, $Boot: must be marked used
+
+
+def _ntfs_free(src: ByteSource) -> list[tuple[int, int]]:
+    from dissect.ntfs import NTFS
+    from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE as T
+
+    boot = src.read_at(0, 512)
+    bps = int.from_bytes(boot[11:13], "little")
+    spc_raw = boot[13]
+    spc = 1 << (256 - spc_raw) if spc_raw > 0x80 else spc_raw
+    total_sectors = int.from_bytes(boot[40:48], "little")
+    if bps not in (512, 1024, 2048, 4096) or not spc or spc & (spc - 1):
+        raise _Skip("implausible NTFS boot sector")
+    cs = bps * spc
+    if total_sectors * bps > src.size:
+        raise _Skip("file system is larger than its volume (truncated image?)")
+    clusters = total_sectors // spc
+    try:
+        fs = NTFS(SourceReader(src))
+        if fs.cluster_size != cs:
+            raise _Skip("NTFS cluster size disagrees with the boot sector")
+        info = fs.mft.get(3).attributes[T.VOLUME_INFORMATION]
+        raw_info = info[0].data() if info else b""
+    except _Skip:
+        raise
+    except Exception as exc:
+        raise _Skip(f"NTFS metadata unreadable: {exc}") from exc
+    if len(raw_info) < 12:
+        raise _Skip("$Volume has no volume information")
+    if int.from_bytes(raw_info[10:12], "little") & _NTFS_VOLUME_IS_DIRTY:
+        raise _Skip("NTFS volume is marked dirty")
+    _ntfs_logfile_must_be_clean(_ntfs_stream(fs, 2, clusters))
+    bitmap_stream = _ntfs_stream(fs, 6, clusters)
+    needed = -(-clusters // 8)
+    if not needed <= bitmap_stream.size <= -(-needed // 8) * 8:
+        raise _Skip(f"$Bitmap is {bitmap_stream.size} bytes for {clusters} clusters")
+    bitmap = bitmap_stream.read(0, bitmap_stream.size)
+    free: list[tuple[int, int]] = []
+    step = 4096
+    for pos in range(0, needed, step):
+        part = bitmap[pos : pos + step]
+        base = pos * 8
+        nbits = min(8 * len(part), clusters - base)
+        if not any(part):
+            free.append((base, nbits))
+        else:
+            free.extend((base + s, n) for s, n in _zero_runs(part, nbits))
+    free = _merge(free)
+    starts = [s for s, _n in free]
+    for seg in _NTFS_METAFILES:
+        for lcn, count in _ntfs_stream(fs, seg, clusters).runs:
+            i = bisect.bisect_right(starts, lcn) - 1
+            j = bisect.bisect_left(starts, lcn + count)
+            if any(s < lcn + count and lcn < s + n for s, n in free[max(i, 0) : j]):
+                raise _Skip(f"$Bitmap marks clusters of metafile {seg} as free")
+    return [(s * cs, n * cs) for s, n in free]
+
+
+@dataclass
+class _NtfsStream:
+    """The unnamed data stream of a metafile, checked to be plain clusters on disk."""
+
+    size: int
+    runs: list[tuple[int, int]]  # (lcn, count)
+    handle: Any
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.handle.seek(offset)
+        data: bytes = self.handle.read(size)
+        if len(data) != min(size, self.size - offset):
+            raise _Skip("NTFS metafile unreadable")
+        return data
+
+
+def _ntfs_stream(fs: Any, segment: int, clusters: int) -> _NtfsStream:
+    """Open metafile ``segment``; :class:`_Skip` if any of it would read as made-up zeroes."""
+    from dissect.ntfs.c_ntfs import ATTRIBUTE_FLAG_COMPRESSION_MASK, ATTRIBUTE_FLAG_ENCRYPTED
+
+    try:
+        rec = fs.mft.get(segment)
+        attrs = rec._get_stream_attributes("")
+        size = rec.size("")
+        if attrs[0].header.resident:
+            return _NtfsStream(size, [], attrs.open())
+        if any(a.header.flags & (ATTRIBUTE_FLAG_COMPRESSION_MASK | ATTRIBUTE_FLAG_ENCRYPTED) for a in attrs):
+            raise _Skip(f"metafile {segment} is compressed or encrypted")
+        first = min(attrs, key=lambda a: a.header.lowest_vcn)
+        valid = first.header.header.Form.Nonresident.ValidDataLength
+        runs = list(attrs.dataruns())
+        handle = attrs.open()
+    except _Skip:
+        raise
+    except Exception as exc:
+        raise _Skip(f"metafile {segment} unreadable: {exc}") from exc
+    cs = fs.cluster_size
+    if valid < size:
+        raise _Skip(f"metafile {segment} has unwritten data (valid length {valid} < size {size})")
+    if any(lcn is None for lcn, _n in runs):
+        raise _Skip(f"metafile {segment} is sparse")
+    if sum(n for _l, n in runs) * cs < size or any(lcn + n > clusters for lcn, n in runs):
+        raise _Skip(f"metafile {segment} runs do not cover its size or leave the volume")
+    return _NtfsStream(size, runs, handle)
+
+
+def _ntfs_logfile_must_be_clean(logfile: _NtfsStream) -> None:
+    """:class:`_Skip` unless the $LogFile is empty or every restart page in it says "clean".
+
+    Probes the places a restart page can start (0, 512, 1 KiB, 2 KiB, ... as ntfs-3g's
+    ``ntfs_check_logfile`` does). A restart page whose update sequence does not verify, a log
+    with records but no restart page, and a restart area with clients in use but without the
+    ``RESTART_VOLUME_IS_CLEAN`` flag all mean "not provably clean".
+    """
+    limit = min(logfile.size, _NTFS_LOGFILE_PROBE)
+    empty, restarts = True, 0
+    pos = 0
+    while pos < limit:
+        block = logfile.read(pos, _NTFS_BLOCK)
+        magic = block[:4]
+        if block != b"\xff" * _NTFS_BLOCK:
+            empty = False
+        if magic == b"RCRD":
+            break
+        if magic in (b"RSTR", b"CHKD"):
+            restarts += 1
+            page_size = int.from_bytes(block[16:20], "little")
+            if page_size < _NTFS_BLOCK or page_size & (page_size - 1) or pos + page_size > logfile.size:
+                raise _Skip("$LogFile restart page has an implausible size")
+            page = _ntfs_fixup(logfile.read(pos, page_size))
+            ra = int.from_bytes(page[24:26], "little")
+            if ra % 8 or ra + 16 > page_size:
+                raise _Skip("$LogFile restart area out of range")
+            in_use = int.from_bytes(page[ra + 12 : ra + 14], "little")
+            flags = int.from_bytes(page[ra + 14 : ra + 16], "little")
+            if in_use != _NTFS_LOGFILE_NO_CLIENT and not flags & _NTFS_RESTART_VOLUME_IS_CLEAN:
+                raise _Skip("NTFS $LogFile is not clean (volume in use, hibernated or not shut down)")
+        pos = pos << 1 if pos else _NTFS_BLOCK
+    if not empty and not restarts:
+        raise _Skip("$LogFile has records but no readable restart page")
+
+
+def _ntfs_fixup(page: bytes) -> bytes:
+    """Apply and verify an NTFS update sequence array (torn multi-sector writes fail here)."""
+    usa_ofs = int.from_bytes(page[4:6], "little")
+    usa_count = int.from_bytes(page[6:8], "little")
+    if usa_count - 1 != len(page) // _NTFS_BLOCK or usa_ofs + 2 * usa_count > _NTFS_BLOCK:
+        raise _Skip("$LogFile restart page has a bad update sequence array")
+    out = bytearray(page)
+    usn = page[usa_ofs : usa_ofs + 2]
+    for i in range(1, usa_count):
+        end = i * _NTFS_BLOCK
+        if out[end - 2 : end] != usn:
+            raise _Skip("$LogFile restart page is torn (update sequence mismatch)")
+        out[end - 2 : end] = page[usa_ofs + 2 * i : usa_ofs + 2 * i + 2]
+    return bytes(out)
 
 
 # === bit helpers ==================================================================================

@@ -157,6 +157,18 @@ def copy_into(disk: Path, image: Path, offset: int) -> None:
             pos += len(chunk)
 
 
+def poisoned_copy(img: Path, extents: list[tuple[int, int]], out: Path, poison: int = 0xA5) -> Path:
+    """A copy of ``img`` with every byte of ``extents`` overwritten: what a backup that skipped them restores."""
+    shutil.copyfile(img, out)
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        for off, length in extents:
+            os.pwrite(fd, bytes([poison]) * length, off)
+    finally:
+        os.close(fd)
+    return out
+
+
 def fs_image(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)

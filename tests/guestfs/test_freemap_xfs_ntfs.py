@@ -1,0 +1,275 @@
+"""XFS and NTFS free-space maps: deleted files are found free, live files never are.
+
+The images are made by the reference implementations (mkfs.xfs + the kernel's XFS, mkntfs +
+ntfs-3g): files written, some deleted, unmounted. Then, independently of the reader under test:
+
+* XFS: every live file's extents as the kernel reports them (FIEMAP through ``xfs_io``) lie
+  outside the map, the deleted files' extents inside it; the map equals ``xfs_db freesp`` minus
+  the AGFL blocks (reserved for btree growth, never free);
+* NTFS: ``ntfscluster -c`` (libntfs scanning every MFT record) finds no owner in any free
+  range, and the clusters that held the deleted files (found by their content) are free;
+* both: poisoning every "free" byte of a copy leaves ``xfs_repair -n`` / ``ntfsfix -n`` clean
+  and every file's sha256 unchanged when the copy is mounted.
+
+Then the refusals: a copy of a mounted XFS (log not clean) and of a frozen one are all used,
+damaged AGF/bnobt blocks make their AG used, a dirty or in-use NTFS volume is all used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from repo.guestfs import FileByteSource, FreeMap, find_free_extents
+from tests.guestfs import images as im
+
+MiB = im.MiB
+
+
+@dataclass
+class Built:
+    img: Path
+    sums: dict[str, str]  # live file -> sha256
+    live: dict[str, list[tuple[int, int]]]  # live file -> byte extents on the image (XFS only)
+    deleted: list[tuple[int, int]]  # byte ranges that held the deleted files
+    deleted_bytes: int
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("XFS/NTFS free-map tests need root (loop mounts, FUSE)")
+
+
+def _write_files(mnt: Path, rnd: random.Random) -> dict[str, bytes]:
+    """Interleaved appends, so files end up fragmented and deleted space is scattered."""
+    names = [f"d{i % 3}/file-{i:02d}.bin" for i in range(18)]
+    for d in ("d0", "d1", "d2"):
+        (mnt / d).mkdir(exist_ok=True)
+    data = {n: b"" for n in names}
+    for _round in range(4):
+        for n in names:
+            piece = rnd.randbytes(rnd.randrange(100_000, 900_000))
+            with open(mnt / n, "ab") as f:
+                f.write(piece)
+            data[n] += piece
+    (mnt / "small.txt").write_bytes(b"tiny file\n")
+    data["small.txt"] = b"tiny file\n"
+    os.sync()
+    return data
+
+
+def _fiemap(path: Path) -> list[tuple[int, int]]:
+    out = im.run("xfs_io", "-r", "-c", "fiemap", path)
+    ext = []
+    for m in re.finditer(r"\[\d+\.\.\d+\]:\s+(\d+)\.\.(\d+)", out):
+        a, b = int(m.group(1)), int(m.group(2))
+        ext.append((a * 512, (b - a + 1) * 512))
+    return ext
+
+
+def _sums(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def xfs_v5(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return _build_xfs(tmp_path_factory.mktemp("xfs5"), "1")
+
+
+@pytest.fixture(scope="module")
+def xfs_v4(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """v4 (no CRCs): this kernel cannot mount it, so mkfs.xfs fills it from a protofile."""
+    im.require("mkfs.xfs", "xfs_db", "xfs_repair")
+    work = tmp_path_factory.mktemp("xfs4")
+    rnd = random.Random(12)
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+    for i in range(12):
+        src = work / f"src-{i}.bin"
+        src.write_bytes(rnd.randbytes(rnd.randrange(200_000, 3_000_000)))
+        lines.append(f"file-{i:02d}.bin ---644 0 0 {src}")
+    lines += ["$", ""]
+    proto = work / "proto"
+    proto.write_text("\n".join(lines))
+    img = im.fs_image(work / "xfs.img", 300 * MiB)
+    im.run("mkfs.xfs", "-q", "-f", "-m", "crc=0", "-p", proto, img)
+    return Built(img, {}, {}, [], 0)
+
+
+def _build_xfs(work: Path, crc: str) -> Built:
+    _require_root()
+    im.require("mkfs.xfs", "xfs_io", "xfs_db", "xfs_repair", "mount")
+    img = im.fs_image(work / "xfs.img", 300 * MiB)
+    im.run("mkfs.xfs", "-q", "-f", "-m", f"crc={crc}", img)
+    mnt = work / "mnt"
+    mnt.mkdir()
+    im.run("mount", "-o", "loop", img, mnt)
+    try:
+        data = _write_files(mnt, random.Random(11))
+        doomed = [n for n in data if n.endswith(("3.bin", "7.bin", "8.bin"))]
+        deleted = [e for n in doomed for e in _fiemap(mnt / n)]
+        for n in doomed:
+            (mnt / n).unlink()
+    finally:
+        im.run("umount", mnt)
+    # extents as they are once unmounted (speculative preallocation past EOF is freed at close)
+    im.run("mount", "-o", "loop,ro", img, mnt)
+    try:
+        live = {n: _fiemap(mnt / n) for n in data if n not in doomed}
+        sums = _sums(mnt)
+    finally:
+        im.run("umount", mnt)
+    assert deleted and all(live[n] for n in live if n != "small.txt")
+    return Built(img, sums, live, deleted, sum(len(data[n]) for n in doomed))
+
+
+def _overlaps(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(o, n) for o, n in a if any(o < p + m and p < o + n for p, m in b)]
+
+
+def _covered(ranges: list[tuple[int, int]], extents: list[tuple[int, int]]) -> bool:
+    return all(any(p <= o and o + n <= p + m for p, m in extents) for o, n in ranges)
+
+
+def test_xfs_free_map_spares_live_files(xfs_v5: Built, tmp_path: Path) -> None:
+    built = xfs_v5
+    fm = _check_against_xfs_db(built.img, tmp_path)
+    for name, ext in built.live.items():
+        assert not _overlaps(ext, fm.extents), f"{name}: extents reported free: {_overlaps(ext, fm.extents)}"
+    assert _covered(built.deleted, fm.extents), "space of the deleted files must be reported free"
+    assert fm.free_bytes > built.deleted_bytes
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    im.run("mount", "-o", "loop,ro", tmp_path / "poisoned.img", mnt)
+    try:
+        assert _sums(mnt) == built.sums
+    finally:
+        im.run("umount", mnt)
+    print(
+        f"\nxfs v5: {fm.free_bytes / MiB:.1f} MiB of 300 MiB free (deleted files: {built.deleted_bytes / MiB:.1f} MiB)"
+    )
+
+
+def test_xfs_v4_free_map_matches_xfs_db(xfs_v4: Built, tmp_path: Path) -> None:
+    fm = _check_against_xfs_db(xfs_v4.img, tmp_path)
+    print(f"\nxfs v4: {fm.free_bytes / MiB:.1f} MiB of 300 MiB free")
+
+
+def _xfs_db_value(img: Path, *cmds: str) -> int:
+    args = [a for c in cmds for a in ("-c", c)]
+    return int(im.run("xfs_db", "-r", *args, img).split("=")[1])
+
+
+def _check_against_xfs_db(img: Path, tmp_path: Path) -> FreeMap:
+    """The map is xfs_db's free-space listing minus exactly the AGFL blocks; poisoning it is harmless."""
+    fm = find_free_extents(FileByteSource(img))
+    (info,) = fm.volumes
+    assert info.fs == "xfs" and info.note == "", info
+    bs = _xfs_db_value(img, "sb 0", "p blocksize")
+    agblocks = _xfs_db_value(img, "sb 0", "p agblocks")
+    agcount = _xfs_db_value(img, "sb 0", "p agcount")
+    ref: set[int] = set()
+    out = im.run("xfs_db", "-r", "-c", "freesp -d", img)
+    for m in re.finditer(r"^\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M):
+        agno, agbno, length = map(int, m.groups())
+        ref.update(range(agno * agblocks + agbno, agno * agblocks + agbno + length))
+    ours = {b for off, n in fm.extents for b in range(off // bs, (off + n) // bs)}
+    flcount = sum(_xfs_db_value(img, f"agf {ag}", "p flcount") for ag in range(agcount))
+    assert ours <= ref and len(ref - ours) == flcount
+    poisoned = im.poisoned_copy(img, fm.extents, tmp_path / "poisoned.img")
+    repair = subprocess.run(["xfs_repair", "-n", poisoned], capture_output=True, text=True, check=False)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    return fm
+
+
+def test_xfs_copied_while_mounted_or_frozen_is_all_used(tmp_path: Path) -> None:
+    """A crash-consistent copy needs log recovery; a frozen XFS also leaves records after the tail."""
+    _require_root()
+    im.require("mkfs.xfs", "xfs_logprint", "fsfreeze", "mount")
+    img = im.fs_image(tmp_path / "live.img", 300 * MiB)
+    im.run("mkfs.xfs", "-q", "-f", img)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    im.run("mount", "-o", "loop", img, mnt)
+    try:
+        _write_files(mnt, random.Random(3))
+        shutil.copyfile(img, tmp_path / "crash.img")
+        (mnt / "d0" / "file-00.bin").unlink()
+        (mnt / "late.bin").write_bytes(random.Random(4).randbytes(2 * MiB))
+        im.run("fsfreeze", "-f", mnt)
+        try:
+            shutil.copyfile(img, tmp_path / "frozen.img")
+        finally:
+            im.run("fsfreeze", "-u", mnt)
+    finally:
+        im.run("umount", mnt)
+    for name in ("crash.img", "frozen.img"):
+        copy = tmp_path / name
+        assert "<DIRTY>" in im.run("xfs_logprint", "-t", copy), f"{name}: expected a log that needs recovery"
+        fm = find_free_extents(FileByteSource(copy))
+        assert fm.extents == [] and "log" in fm.volumes[0].note, (name, fm.volumes)
+    assert find_free_extents(FileByteSource(img)).free_bytes > 100 * MiB  # the same fs once unmounted
+
+
+def _xfs_geometry(img: Path) -> tuple[int, int]:
+    return _xfs_db_value(img, "sb 0", "p blocksize"), _xfs_db_value(img, "sb 0", "p agblocks")
+
+
+def _ag_free(extents: list[tuple[int, int]], agno: int, ag_bytes: int) -> int:
+    lo, hi = agno * ag_bytes, (agno + 1) * ag_bytes
+    return sum(max(0, min(o + n, hi) - max(o, lo)) for o, n in extents)
+
+
+@pytest.mark.parametrize("version", ["v5", "v4"])
+@pytest.mark.parametrize("target", ["agf-freeblks", "bnobt-record", "agfl-entry"])
+def test_damaged_xfs_ag_is_all_used(
+    version: str, target: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    built: Built = request.getfixturevalue(f"xfs_{version}")
+    img = tmp_path / "damaged.img"
+    shutil.copyfile(built.img, img)
+    bs, agblocks = _xfs_geometry(img)
+    ag_bytes = bs * agblocks
+    before = find_free_extents(FileByteSource(img))
+    agno = 2
+    assert _ag_free(before.extents, agno, ag_bytes) > 0
+    ag = agno * ag_bytes
+    with open(img, "r+b") as f:
+        if target == "agf-freeblks":
+            pos = ag + 512 + 52  # agf_freeblks: one block fewer, as if a block were allocated
+        elif target == "bnobt-record":
+            f.seek(ag + 512 + 16)
+            (root,) = struct.unpack(">I", f.read(4))
+            hdr = 56 if version == "v5" else 16
+            pos = ag + root * bs + hdr + 4  # blockcount of the first free extent
+        else:
+            f.seek(ag + 512 + 40)
+            flfirst, _fllast, flcount = struct.unpack(">III", f.read(12))
+            assert flcount
+            pos = ag + 3 * 512 + (36 if version == "v5" else 0) + 4 * flfirst  # AGFL block number
+        f.seek(pos)
+        (value,) = struct.unpack(">I", f.read(4))
+        if target == "agfl-entry":  # the free list claims a block that the free-space btree lists as free
+            first_free = min(o for o, _n in before.extents if ag <= o < ag + ag_bytes)
+            value = (first_free - ag) // bs + 1
+        else:
+            value -= 1
+        f.seek(pos)
+        f.write(struct.pack(">I", value))
+    after = find_free_extents(FileByteSource(img))
+    assert _ag_free(after.extents, agno, ag_bytes) == 0, f"{target}: damaged AG {agno} must be all used"
+    for other in (0, 1, 3):
+        assert _ag_free(after.extents, other, ag_bytes) == _ag_free(before.extents, other, ag_bytes)
