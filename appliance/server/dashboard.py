@@ -9,7 +9,7 @@ audit, and the strict Content-Security-Policy forbids any. The pages:
 * ``/ui/`` — restore points per host/VM with their age against the RPO, repository usage, the job
   history with charts of duration and size over time (``?job=NAME`` for one job).
 * ``/ui/requests`` — restore requests; pending ones have Approve/Deny for authorizers (admins and the
-  request's own tenant). The request store is ``appliance.restore_requests``, imported lazily.
+  request's own tenant, subject to the tenant's policy in ``appliance.restore_requests``).
 
 The viewer is a ``Principal`` built from the session's token on every request, so the tenant
 boundary is the one ``views`` draws for the API. ``/metrics`` is described in metrics.py.
@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote
 
 from appliance.cli.common import human_bytes
 from appliance.cli.when import iso
+from appliance.restore_requests import RestoreRequestStore
 from repo.errors import IhbError
 
 from . import charts, metrics, views
@@ -213,21 +214,9 @@ def history_html(ov: views.Overview, job: str | None, admin: bool) -> str:
             + _table(head, rows, "No job runs yet."))
 
 
-def _requests_module() -> Any:
-    """``appliance.restore_requests`` (another part of the appliance), or None where it is absent."""
-    try:
-        from appliance import restore_requests
-    except ImportError:
-        return None
-    return restore_requests
-
-
-def request_counts(p: Principal, cfg: Any) -> list[tuple[str, str, int]] | None:
-    mod = _requests_module()
-    if mod is None:
-        return None
+def request_counts(p: Principal, cfg: Any) -> list[tuple[str, str, int]]:
     counts: dict[tuple[str, str], int] = {}
-    for r in mod.RestoreRequestStore.for_config(cfg).list(tenant=None if p.is_admin else p.tenant):
+    for r in RestoreRequestStore.for_config(cfg).list(tenant=None if p.is_admin else p.tenant):
         counts[(r.tenant, r.state)] = counts.get((r.tenant, r.state), 0) + 1
     return [(t, s, n) for (t, s), n in counts.items()]
 
@@ -243,7 +232,9 @@ def requests_html(reqs: list[Any], ws: WebSession, admin: bool, message: str = "
                        f"<form method='post' action='{UI}/requests/{esc(r.id)}/deny' style='display:inline'>"
                        f"{hidden}<input name='reason' placeholder='reason' size='12'>"
                        f"<button class='deny' data-id='{esc(r.id)}'>Deny</button></form>")
-        approvals = ", ".join(str(a[0] if isinstance(a, list | tuple) else a) for a in (r.approvals or []))
+        approvals = f"{len(r.approvals)}/{getattr(r, 'required_approvals', 1)}"
+        if r.approvals:
+            approvals += ": " + ", ".join(str(a) for a in r.approvals)
         tenant = f"<td>{esc(r.tenant)}</td>" if admin else ""
         rows.append(f"<tr class='req' id='req-{esc(r.id)}'><td>{esc(r.id)}</td>{tenant}<td>{esc(r.host)}</td>"
                     f"<td>{esc(str(r.snapshot)[:12])}</td><td>{esc(r.kind)}</td>"
@@ -276,6 +267,13 @@ class Dashboard:
             self.sessions.end(cookies(req).get(COOKIE))
             return None
         return ws, Principal(rec.id, rec.role, rec.tenant, "*")
+
+    def actor(self, p: Principal) -> str:
+        """Who approves in the audit log and for ``authorizers = [...]``: the token's note (``ihb token
+        create --note alice``), else ``token-ID``."""
+        rec = next((t for t in self.api.state.tokens() if t.id == p.token_id), None)
+        note = " ".join((rec.note if rec else "").split())
+        return note[:64] if note else f"token-{p.token_id}"
 
     def page(self, fn: Page, post: bool = False) -> Callable[[Request, Principal | None], Awaitable[Response]]:
         async def handler(req: Request, _p: Principal | None) -> Response:
@@ -336,44 +334,46 @@ class Dashboard:
             return _html("Overview" if p.is_admin else f"Overview: {p.tenant}", body, ws)
 
         async def requests_page(req: Request, ws: WebSession, p: Principal, message: str = "") -> Response:
-            mod = _requests_module()
-            if mod is None:
-                return _html("Restore requests", "<p>Restore requests are not available on this appliance "
-                             "version.</p>", ws)
-            store = mod.RestoreRequestStore.for_config(self.cfg)
+            store = RestoreRequestStore.for_config(self.cfg)
             reqs = await self.api.run(lambda: store.list(tenant=None if p.is_admin else p.tenant))
             pending = [r for r in reqs if r.state == "pending"]
             rest = [r for r in reqs if r.state != "pending"]
-            body = ("<h2>Pending</h2>" + requests_html(pending, ws, p.is_admin, message)
+            done, state = req.query.get("done", ""), req.query.get("state", "")
+            notice = ""
+            if done and any(r.id == done for r in reqs):
+                notice = f"<p id='notice'>Request {esc(done)} is now {esc(state)}."
+                if state == "approved":
+                    notice += (" Its ticket was issued; the requester retrieves it once with "
+                               f"<code>ihb restore-request ticket {esc(done)}</code>.")
+                notice += "</p>"
+            body = (notice + f"<p>You act as <b>{esc(self.actor(p))}</b>.</p>"
+                    + "<h2>Pending</h2>" + requests_html(pending, ws, p.is_admin, message)
                     + "<h2>Decided</h2>" + requests_html(rest, ws, p.is_admin))
             return _html("Restore requests", body, ws, 200 if not message else 409)
 
         async def decide(req: Request, ws: WebSession, p: Principal) -> Response:
-            mod = _requests_module()
-            if mod is None:
-                raise HTTPError(404, "restore requests are not available on this appliance version")
             rid, action = req.path_params["rid"], req.path_params["action"]
             form = _form(req)
-            store = mod.RestoreRequestStore.for_config(self.cfg)
-            by = f"{p.role}:{p.tenant if not p.is_admin else 'admin'}:{p.token_id}"
+            store = RestoreRequestStore.for_config(self.cfg)
+            by = self.actor(p)
 
-            def act() -> None:
-                r = store.get(rid)
+            def act() -> str:
+                try:
+                    r = store.get(rid)
+                except IhbError:
+                    r = None
                 if r is None or not p.may_see(r.tenant, r.host):
                     raise HTTPError(404, f"no restore request {rid}")
                 if action == "approve":
-                    store.approve(rid, by)
-                else:
-                    store.deny(rid, by, reason=form.get("reason", "")[:500])
+                    return str(store.approve(r.id, by).state)
+                return str(store.deny(r.id, by, reason=form.get("reason", "")[:500]).state)
 
             try:
-                await self.api.run(act)
+                state = await self.api.run(act)
             except IhbError as e:
                 return await requests_page(req, ws, p, str(e))
-            except (KeyError, ValueError) as e:
-                return await requests_page(req, ws, p, f"cannot {action} request {rid}: {e}")
-            log.info("restore request %s: %s by %s", rid, action, by)
-            return _redirect(f"{UI}/requests")
+            log.info("restore request %s: %s by %s, now %s", rid, action, by, state)
+            return _redirect(f"{UI}/requests?done={quote(rid, safe='')}&state={quote(state, safe='')}")
 
         app.route("POST", f"{UI}/logout", roles=None, max_body=FORM_MAX, summary="Dashboard sign-out")(
             self.page(logout, post=True))

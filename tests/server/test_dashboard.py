@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from appliance.config import load_config
+from appliance.restore_requests import RestoreRequestStore
+
 from .browser import Browser
 from .conftest import Appliance, run_ihb, write_tree
 
@@ -161,7 +164,9 @@ def setup_appliance(app: Appliance, tmp_path: Path, extra_config: str = "") -> d
                 '[[jobs]]\nname = "acme-web1"\nkind = "agent"\ntenant = "acme"\nhost = "web1"\nrpo = "1h"\n'
                 '\n[[jobs]]\nname = "globex-db7"\nkind = "agent"\ntenant = "globex"\nhost = "db7"\nrpo = "2h"\n'
                 + extra_config)
-    toks = {"admin": app.token(role="admin"), "acme": app.token("acme", role="tenant"),
+    admin = app.base / "admin-alice.token"  # the note names the person in approvals and the audit log
+    run_ihb("token", "create", "--config", str(app.config), "--role", "admin", "--note", "alice", "-o", str(admin))
+    toks = {"admin": admin, "acme": app.token("acme", role="tenant"),
             "globex": app.token("globex", role="tenant"), "web1": app.token("acme", "web1"),
             "db7": app.token("globex", "db7")}
     app.start()
@@ -175,9 +180,21 @@ def setup_appliance(app: Appliance, tmp_path: Path, extra_config: str = "") -> d
     return toks
 
 
+def make_requests(app: Appliance) -> dict[str, str]:
+    """One pending restore request per tenant, asked for by carol (so alice may approve)."""
+    st, doc = app.api("GET", "/api/v1/snapshots", app.base / "admin-alice.token")
+    assert st == 200
+    snap = {s["host"]: s["id"] for s in doc["snapshots"]}
+    store = RestoreRequestStore.for_config(load_config(str(app.config)))
+    return {t: store.create(tenant=t, host=h, snapshot=snap[h], kind="files", paths=["/a"], target="/srv/restore",
+                            requested_by="carol", reason="lost a file").id
+            for t, h in (("acme", "web1"), ("globex", "db7"))}
+
+
 def test_metrics(appliance: Appliance, tmp_path: Path) -> None:
     app = appliance
     toks = setup_appliance(app, tmp_path)
+    rids = make_requests(app)
     st, h, body = request(app, "GET", "/metrics", {"Authorization": f"Bearer {toks['admin'].read_text().strip()}"})
     assert st == 200 and h["content-type"][0].startswith("text/plain; version=0.0.4"), (st, h)
     fams = parse_prometheus(body.decode())
@@ -193,6 +210,7 @@ def test_metrics(appliance: Appliance, tmp_path: Path) -> None:
     assert series(fams, "ihb_job_rpo_ok", job="acme-web1", tenant="acme") == [1]
     assert series(fams, "ihb_job_rpo_seconds", job="globex-db7") == [7200]
     assert series(fams, "ihb_repository_snapshots") == [5]
+    assert series(fams, "ihb_restore_requests", tenant="globex", state="pending") == [1]
     assert series(fams, "ihb_repository_stored_bytes")[0] > 0 and series(fams, "ihb_repository_packs")[0] >= 1
     assert not any(math.isnan(v) for f in fams.values() for _, _, v in f["samples"])
 
@@ -204,6 +222,21 @@ def test_metrics(appliance: Appliance, tmp_path: Path) -> None:
     assert "globex" not in text and "db7" not in text and "appliance-local" not in text
     assert series(fams, "ihb_restore_points", tenant="acme", host="web1") == [2]
     assert "ihb_repository_stored_bytes" not in fams
+    assert series(fams, "ihb_restore_requests", tenant="acme", state="pending") == [1]
+
+    # a tenant session may decide its own requests only; another tenant's is "not found"
+    sid, csrf = login(app, toks["acme"])
+    jar = {"Cookie": f"ihb_session={sid}"}
+    assert request(app, "POST", f"/ui/requests/{rids['globex']}/approve", jar, {"csrf": csrf})[0] == 404
+    assert request(app, "POST", f"/ui/requests/{rids['globex']}/deny", jar, {"csrf": csrf})[0] == 404
+    store = RestoreRequestStore.for_config(load_config(str(app.config)))
+    assert store.get(rids["globex"]).state == "pending"
+    st, h, _ = request(app, "POST", f"/ui/requests/{rids['acme']}/deny", jar, {"csrf": csrf, "reason": "not now"})
+    assert st == 303, st
+    r = store.get(rids["acme"])
+    assert r.state == "denied" and r.decision_reason == "not now" and r.decided_by.startswith("token-")
+    st, _, body = request(app, "POST", f"/ui/requests/{rids['acme']}/approve", jar, {"csrf": csrf})
+    assert st == 409 and b"is denied" in body  # the store's refusal, shown on the page
     # refusals: no token, an agent token
     assert request(app, "GET", "/metrics")[0] == 401
     st, _, body = request(app, "GET", "/metrics", {"Authorization": f"Bearer {toks['web1'].read_text().strip()}"})
@@ -280,6 +313,7 @@ def test_sessions_and_csrf(appliance: Appliance, tmp_path: Path) -> None:
 def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
     app = appliance
     toks = setup_appliance(app, tmp_path)
+    rids = make_requests(app)
     b = Browser(tmp_path / "chromium")
     try:
         base = app.url.rstrip("/")
@@ -306,6 +340,19 @@ def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
         # RPO column: web1 within its hour
         row = b.js("[...document.querySelectorAll('tr.rp')].find(r => r.innerText.includes('web1')).innerText")
         assert "within 1h" in row and "acme-web1" in row, row
+        # approve acme's pending restore request with the button
+        b.goto(base + "/ui/requests")
+        text = b.text()
+        assert rids["acme"] in text and rids["globex"] in text and "You act as alice" in text
+        assert b.js("document.querySelectorAll('button.approve').length") == 2
+        b.click_and_wait(f"button.approve[data-id='{rids['acme']}']")
+        assert b.path().startswith("/ui/requests?done="), b.path()
+        assert f"Request {rids['acme']} is now approved" in b.text()
+        state = b.js(f"document.querySelector('#req-{rids['acme']} .state').innerText")
+        assert state == "approved", state
+        assert b.js("document.querySelectorAll('button.approve').length") == 1  # globex's is still pending
+        req = RestoreRequestStore.for_config(load_config(str(app.config))).get(rids["acme"])
+        assert req.state == "approved" and req.approvals == ["alice"] and req.ticket is not None
         b.click_and_wait("#logout")
         assert b.path() == "/ui/login"
         b.goto(base + "/ui/")
@@ -320,7 +367,8 @@ def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
             assert other not in text, f"tenant acme sees {other!r}"
         assert b.js("document.querySelectorAll('#charts svg')[0].querySelectorAll('circle.pt').length") == 2
         b.goto(base + "/ui/requests")
-        assert "globex" not in b.text()
+        text = b.text()
+        assert rids["acme"] in text and rids["globex"] not in text and "globex" not in text and "db7" not in text
         b.click_and_wait("#logout")
         assert b.path() == "/ui/login"
     finally:
