@@ -92,15 +92,15 @@ def time_chart(title: str, series: Sequence[Series], fmt_y: Callable[[float], st
     return "".join(out)
 
 
-def usage_bar(parts: Sequence[tuple[str, float]], total: float, width: int = 480, height: int = 26) -> str:
-    """One horizontal bar split into labelled parts of ``total`` (e.g. stored vs original bytes)."""
+def usage_bar(parts: Sequence[tuple[str, float, str]], total: float, width: int = 480, height: int = 26) -> str:
+    """One horizontal bar split into labelled, coloured parts of ``total`` (e.g. stored vs saved bytes)."""
     esc = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="bar" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}"><rect width="{width}" height="{height}" fill="#eee"/>']
     x0 = 0.0
-    for n, (label, v) in enumerate(parts):
+    for label, v, color in parts:
         w = 0.0 if total <= 0 else max(0.0, min(width - x0, v / total * width))
-        out.append(f'<rect x="{x0:.1f}" width="{w:.1f}" height="{height}" fill="{PALETTE[n % len(PALETTE)]}">'
+        out.append(f'<rect x="{x0:.1f}" width="{w:.1f}" height="{height}" fill="{color}">'
                    f'<title>{esc(label)}</title></rect>')
         x0 += w
     out.append("</svg>")

@@ -54,7 +54,7 @@ CSS = ("body{font-family:system-ui,sans-serif;margin:0;color:#222}header{backgro
        "display:flex;gap:16px;align-items:center}header a{color:#fff}header form{margin-left:auto}"
        "main{padding:8px 16px}table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;"
        "padding:2px 8px;font-size:90%;text-align:left}th{background:#f3f3f3}.num{text-align:right}"
-       "tr.failed{background:#fdd}tr.warning{background:#ffd}.bad{color:#b00;font-weight:bold}.ok{color:#070}"
+       "tr.failed{background:#fdd}tr.warning{background:#ffd}span.bad{color:#b00;font-weight:bold}span.ok{color:#070}.key{display:inline-block;width:10px;height:10px}"
        ".err{background:#fdd;padding:6px;border:1px solid #b00}.chart .ct{font-weight:bold;font-size:13px}"
        ".chart .ax{font-size:11px;fill:#555}nav.jobs a{margin-right:8px}")
 
@@ -170,11 +170,12 @@ def usage_html(u: dict[str, Any]) -> str:
                  ("deduplication ratio", ratio(u.get("dedup_ratio"))),
                  ("compression ratio", ratio(u.get("compression_ratio")))]
     rows = "".join(f"<tr><th>{esc(k)}</th><td class='num'>{esc(v)}</td></tr>" for k, v in facts)
-    bar = charts.usage_bar([(f"stored {human_bytes(stored)}", stored),
-                            (f"saved by deduplication and compression {human_bytes(max(0.0, original - stored))}",
-                             max(0.0, original - stored))], original)
+    saved = max(0.0, original - stored)
+    parts = [(f"stored {human_bytes(stored)}", stored, "#1f77b4"),
+             (f"saved by deduplication and compression {human_bytes(saved)}", saved, "#a6d8a6")]
+    legend = " ".join(f"<span class='key' style='background:{c}'></span> {esc(label)}" for label, _, c in parts)
     return (f"<h2>Repository usage</h2><table id='usage'>{rows}</table>"
-            f"<p>stored against original size:</p>{bar}")
+            f"<p>{charts.usage_bar(parts, original)}<br>{legend}</p>")
 
 
 def history_html(ov: views.Overview, job: str | None, admin: bool) -> str:

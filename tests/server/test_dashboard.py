@@ -374,3 +374,22 @@ def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
     finally:
         b.close()
     app.stop()
+
+
+def test_metrics_escape_label_values() -> None:
+    """Job names come from the config: quotes, backslashes and newlines must stay inside the label."""
+    import time
+
+    from appliance.jobs import JobRecord
+    from appliance.server.metrics import render
+    from appliance.server.views import Overview
+
+    now = time.time_ns()
+    odd = 'we"ird\\job\nname'
+    runs = [JobRecord(id="1", job=odd, kind="files", tenant="t", status="ok", start_ns=now - 2_000_000_000,
+                      end_ns=now, bytes_read=10, bytes_new=5, bytes_stored=3)]
+    text = render(Overview(now, [], runs, [], {"scope": "tenant"}, {odd: runs[0]}), [("t", "pending", 2)])
+    fams = parse_prometheus(text)
+    assert series(fams, "ihb_job_duration_seconds_sum", job=odd) == [2.0]
+    assert series(fams, "ihb_job_last_success_timestamp_seconds", job=odd) == [now / 1e9]
+    assert series(fams, "ihb_restore_requests", tenant="t", state="pending") == [2]
