@@ -2,8 +2,9 @@
 
 Start order: state store, repository (held open with a shared lock for the daemon's life), TLS
 certificate, listeners; then one line each for the URL and the certificate fingerprint on stdout, so
-an operator (or a test) can pin it, and READY=1 to systemd when run as a Type=notify unit.
-SIGTERM/SIGINT cancel the nursery; resources close in reverse; SIGUSR1 dumps all threads' stacks.
+an operator (or a test) can pin it, and READY=1 to systemd when run as a Type=notify unit (so "started"
+means "accepting connections"). SIGTERM/SIGINT cancel the nursery and send STOPPING=1; resources close in
+reverse; SIGUSR1 dumps all threads' stacks.
 """
 
 from __future__ import annotations
@@ -61,15 +62,20 @@ async def serve(settings: ServerSettings, open_repo: Callable[[], Repository], o
             print(f"generated a self-signed certificate: {cert}", file=out)
         print(f"listening on {url_for(settings.listen_host, port)}", file=out)
         print(f"certificate fingerprint {fp}", file=out, flush=True)
-        sd_notify("READY=1")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, name="signals")
-            nursery.start_soon(trio.serve_listeners, handler, listeners, name="listeners")
+        sd_notify(f"READY=1\nSTATUS=listening on {url_for(settings.listen_host, port)}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope, name="signals")
+                nursery.start_soon(trio.serve_listeners, handler, listeners, name="listeners")
+        finally:  # a signal or an error: either way systemd sees the stop begin before resources close
+            sd_notify("STOPPING=1")
         print("stopped", file=out, flush=True)
 
 
 def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify units) the daemon is ready; a no-op outside systemd."""
+    """Tell systemd (Type=notify units) the daemon's state (``READY=1``, ``STOPPING=1``, ``STATUS=...``,
+    newline-separated): one datagram to $NOTIFY_SOCKET (a path, or ``@name`` in the abstract namespace);
+    a no-op outside systemd, and a failure is only logged."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return
