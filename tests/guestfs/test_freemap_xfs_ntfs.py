@@ -273,3 +273,181 @@ def test_damaged_xfs_ag_is_all_used(
     assert _ag_free(after.extents, agno, ag_bytes) == 0, f"{target}: damaged AG {agno} must be all used"
     for other in (0, 1, 3):
         assert _ag_free(after.extents, other, ag_bytes) == _ag_free(before.extents, other, ag_bytes)
+
+
+# === NTFS =========================================================================================
+
+CLUSTER = 4096
+
+
+@dataclass
+class BuiltNtfs:
+    img: Path
+    sums: dict[str, str]
+    live: dict[str, bytes]
+    deleted: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def ntfs(tmp_path_factory: pytest.TempPathFactory) -> BuiltNtfs:
+    _require_root()
+    im.require("mkntfs", "ntfs-3g", "ntfscluster", "ntfsfix")
+    work = tmp_path_factory.mktemp("ntfs")
+    img = im.fs_image(work / "ntfs.img", 96 * MiB)
+    im.run("mkntfs", "-q", "-F", "-Q", "-c", str(CLUSTER), "-L", "FREEMAP", img)
+    with im.fuse_mounted(["ntfs-3g", os.fspath(img)], work / "mnt") as mnt:
+        data = _write_files(mnt, random.Random(21))
+        doomed = [n for n in data if n.endswith(("2.bin", "5.bin", "9.bin"))]
+        for n in doomed:
+            (mnt / n).unlink()
+        os.sync()
+        sums = _sums(mnt)
+    live = {n: d for n, d in data.items() if n not in doomed}
+    return BuiltNtfs(img, sums, live, {n: data[n] for n in doomed})
+
+
+def _clusters_by_content(img: Path) -> dict[bytes, list[int]]:
+    raw = img.read_bytes()
+    where: dict[bytes, list[int]] = {}
+    for i in range(len(raw) // CLUSTER):
+        where.setdefault(hashlib.sha256(raw[i * CLUSTER : (i + 1) * CLUSTER]).digest(), []).append(i)
+    return where
+
+
+def _file_clusters(data: bytes, where: dict[bytes, list[int]]) -> list[int]:
+    """Where each whole cluster of ``data`` lies on the image, found by content (random data is unique)."""
+    out = []
+    for k in range(len(data) // CLUSTER):
+        hits = where.get(hashlib.sha256(data[k * CLUSTER : (k + 1) * CLUSTER]).digest(), [])
+        assert len(hits) == 1, f"cluster {k} found {len(hits)} times"
+        out.extend(hits)
+    return out
+
+
+def test_ntfs_free_map_spares_live_files(ntfs: BuiltNtfs, tmp_path: Path) -> None:
+    fm = find_free_extents(FileByteSource(ntfs.img))
+    (info,) = fm.volumes
+    assert info.fs == "ntfs" and info.note == "", info
+    free_clusters = {c for off, n in fm.extents for c in range(off // CLUSTER, (off + n) // CLUSTER)}
+    assert all(off % CLUSTER == 0 and n % CLUSTER == 0 for off, n in fm.extents)
+
+    where = _clusters_by_content(ntfs.img)
+    for name, data in ntfs.live.items():
+        hit = set(_file_clusters(data, where)) & free_clusters
+        assert not hit, f"{name}: clusters {sorted(hit)[:10]} reported free"
+    deleted = [c for data in ntfs.deleted.values() for c in _file_clusters(data, where)]
+    assert deleted and set(deleted) <= free_clusters, "clusters of the deleted files must be reported free"
+
+    # libntfs, scanning every MFT record, finds no owner for any free cluster
+    for off, n in fm.extents:
+        out = im.run("ntfscluster", "-c", f"{off // CLUSTER}-{(off + n) // CLUSTER - 1}", ntfs.img)
+        assert "no inode found" in out, out
+
+    poisoned = im.poisoned_copy(ntfs.img, fm.extents, tmp_path / "poisoned.img")
+    im.run("ntfsfix", "-n", poisoned)
+    with im.fuse_mounted(["ntfs-3g", "-o", "ro", os.fspath(poisoned)], tmp_path / "mnt") as mnt:
+        assert _sums(mnt) == ntfs.sums
+    total = ntfs.img.stat().st_size
+    print(
+        f"\nntfs: {fm.free_bytes / MiB:.1f} MiB of {total / MiB:.0f} MiB free "
+        f"(deleted files: {sum(map(len, ntfs.deleted.values())) / MiB:.1f} MiB)"
+    )
+
+
+def _ntfs_runs(img: Path, segment: int) -> list[tuple[int, int]]:
+    from dissect.ntfs import NTFS
+
+    with open(img, "rb") as f:
+        rec = NTFS(f).mft.get(segment)
+        return [(lcn, n) for lcn, n in rec._get_stream_attributes("").dataruns()]
+
+
+def _volume_flags_offset(img: Path) -> int:
+    """Byte offset of the $VOLUME_INFORMATION flags in MFT record 3 (the $MFT starts contiguous)."""
+    from dissect.ntfs import NTFS
+
+    with open(img, "rb") as f:
+        fs = NTFS(f)
+        (mft_lcn, _n), *_ = _ntfs_runs(img, 0)
+        rec_off = mft_lcn * fs.cluster_size + 3 * 1024
+        f.seek(rec_off)
+        rec = f.read(1024)
+    pos = int.from_bytes(rec[0x14:0x16], "little")
+    while True:
+        atype, length = struct.unpack_from("<II", rec, pos)
+        assert atype != 0xFFFFFFFF, "no $VOLUME_INFORMATION"
+        if atype == 0x70:
+            value = int.from_bytes(rec[pos + 0x14 : pos + 0x16], "little")
+            return rec_off + pos + value + 10
+        pos += length
+
+
+def _restart_page(in_use: int, flags: int) -> bytes:
+    """A 4 KiB $LogFile restart page (LFS 1.1) with a valid update sequence array."""
+    page = bytearray(4096)
+    page[0:4] = b"RSTR"
+    struct.pack_into("<HHqIIHhh", page, 4, 30, 9, 0, 4096, 4096, 48, 1, 1)
+    struct.pack_into("<qHHHH", page, 48, 0x1000, 1, 0xFFFF, in_use, flags)
+    usn = b"\x01\x00"
+    page[30:32] = usn
+    for i in range(1, 9):
+        page[30 + 2 * i : 32 + 2 * i] = page[i * 512 - 2 : i * 512]
+        page[i * 512 - 2 : i * 512] = usn
+    return bytes(page)
+
+
+@pytest.mark.parametrize(
+    ("damage", "used"),
+    [
+        ("volume-dirty", True),
+        ("logfile-in-use", True),
+        ("logfile-records-only", True),
+        ("logfile-torn-restart", True),
+        ("logfile-clean-restart", False),
+        ("mft-marked-free", True),
+    ],
+)
+def test_ntfs_unclean_or_inconsistent_volume_is_all_used(
+    ntfs: BuiltNtfs, damage: str, used: bool, tmp_path: Path
+) -> None:
+    img = tmp_path / "ntfs.img"
+    shutil.copyfile(ntfs.img, img)
+    (log_lcn, _n), *_ = _ntfs_runs(img, 2)
+    log_off = log_lcn * CLUSTER
+    with open(img, "r+b") as f:
+        if damage == "volume-dirty":
+            f.seek(_volume_flags_offset(img))
+            f.write(b"\x01\x00")
+        elif damage == "logfile-in-use":
+            f.seek(log_off)
+            f.write(_restart_page(in_use=0, flags=0) * 2)
+        elif damage == "logfile-records-only":
+            f.seek(log_off + 2 * 4096)
+            f.write(b"RCRD" + bytes(4092))
+            f.seek(log_off)
+            f.write(b"RCRD" + bytes(4092))
+        elif damage == "logfile-torn-restart":
+            page = bytearray(_restart_page(in_use=0, flags=2))
+            page[1022:1024] = b"\x07\x07"  # second sector written by an older update
+            f.seek(log_off)
+            f.write(bytes(page))
+        elif damage == "logfile-clean-restart":
+            f.seek(log_off)
+            f.write(_restart_page(in_use=0, flags=2) + _restart_page(in_use=0xFFFF, flags=0))
+        else:
+            (bitmap_lcn, _n), *_ = _ntfs_runs(img, 6)
+            (mft_lcn, _n), *_ = _ntfs_runs(img, 0)
+            f.seek(bitmap_lcn * CLUSTER + mft_lcn // 8)
+            f.write(b"\x00")
+    fm = find_free_extents(FileByteSource(img))
+    expected = {
+        "volume-dirty": "marked dirty",
+        "logfile-in-use": "$LogFile is not clean",
+        "logfile-records-only": "no readable restart page",
+        "logfile-torn-restart": "torn",
+        "mft-marked-free": "metafile 0",
+    }
+    if used:
+        assert fm.extents == [] and expected[damage] in fm.volumes[0].note, fm.volumes
+    else:
+        assert fm.free_bytes == find_free_extents(FileByteSource(ntfs.img)).free_bytes, fm.volumes
