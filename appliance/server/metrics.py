@@ -3,7 +3,7 @@
 Every series that belongs to a tenant carries a ``tenant`` label ("" for the appliance's own local
 jobs). A tenant token gets only its own tenant's series and no repository-wide gauges; an admin
 token (or, with ``[server] metrics_open_on_loopback = true``, any client on 127.0.0.1/::1) gets all.
-The metric names and their meaning are listed in docs/protocol.md §7.
+The metric names and their meaning are listed in docs/protocol.md §5.4.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Server-rendered HTML pages: the place where the dashboard will grow (issue 7).
-
-Pages use the same routing table as the API; for now one start page that says what this is and
-where the API is, without revealing anything about tenants.
-"""
+"""The public start page: what this is, where the API and the dashboard are (dashboard.py has the
+signed-in pages), without revealing anything about tenants."""
 
 from __future__ import annotations
 
@@ -26,4 +23,5 @@ def register(app: App) -> None:
     async def index(req: Request, p: Principal | None) -> Response:
         return page("ihb appliance",
                     "<p>Backup appliance. Agents use the API at <code>/api/v1/</code>; its description is "
-                    "<a href='/api/v1/openapi.json'>/api/v1/openapi.json</a>.</p>")
+                    "<a href='/api/v1/openapi.json'>/api/v1/openapi.json</a>.</p>"
+                    "<p>Operators and customers: <a href='/ui/'>sign in to the dashboard</a>.</p>")
