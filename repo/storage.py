@@ -25,6 +25,7 @@ class Storage(Protocol):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
     def size(self, name: str) -> int: ...
     def put_bytes(self, name: str, data: bytes) -> None: ...
+    def replace_bytes(self, name: str, data: bytes) -> None: ...
     def put_file(self, name: str, path: str) -> None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, name: str) -> None: ...
@@ -146,7 +147,7 @@ class LocalStorage:
             os.unlink(tmp)
         _fsync_dir(os.path.dirname(dest))
 
-    def put_bytes(self, name: str, data: bytes) -> None:
+    def _spool_bytes(self, name: str, data: bytes) -> str:
         tmp = os.path.join(self.spool_dir(), f"put-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}")
         try:
             with open(tmp, "wb") as f:
@@ -157,7 +158,19 @@ class LocalStorage:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             _raise_os(e, name)
-        self._link_into_place(tmp, name)
+        return tmp
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self._link_into_place(self._spool_bytes(name, data), name)
+
+    def replace_bytes(self, name: str, data: bytes) -> None:
+        """The one exception to create-once: atomically replace a small object (the key file on
+        ``ihb key import``); readers see the old or the new content, never a mix."""
+        tmp = self._spool_bytes(name, data)
+        dest = self._path(name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(tmp, dest)
+        _fsync_dir(os.path.dirname(dest))
 
     def put_file(self, name: str, path: str) -> None:
         """Move a finished, fsync'ed spool file into place (the caller has fsync'ed it)."""

@@ -126,10 +126,5 @@ def key_import(ctx: Ctx, input_file: str) -> None:
     config = RepoConfig.from_json(storage.get(fmt.CONFIG_NAME), ctx.repo_path)
     km = KeyMaterial.unwrap(data, None if b'"kdf": "none"' in data else ctx.passphrase())
     Repository._verify_key(km, config)
-    tmp = os.path.join(storage.root, fmt.KEY_NAME + ".new")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(storage.root, fmt.KEY_NAME))
+    storage.replace_bytes(fmt.KEY_NAME, data)
     click.echo("key imported", err=True)

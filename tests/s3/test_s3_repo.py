@@ -146,6 +146,27 @@ def test_init_backup_restore_check_repair(s3_location: str, tmp_path: Path) -> N
     st.close()
 
 
+def test_key_export_import_restores_a_damaged_key_object(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    s3_location = new_location(seaweed.endpoint)
+    env = {"IHB_REPO": s3_location}
+    ihb("init", env=env)
+    exported = tmp_path / "key"
+    exported.write_bytes(ihb("key", "export", env=env).stdout)
+    other = new_location(seaweed.endpoint)
+    ihb("init", env={"IHB_REPO": other})
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(ihb("key", "export", env={"IHB_REPO": other}).stdout)
+    st = _storage(s3_location, tmp_path)
+    st.replace_bytes(fmt.KEY_NAME, b"{ damaged")
+    st.close()
+    broken = ihb("snapshots", env=env, check=False)
+    assert broken.returncode != 0 and b"Traceback" not in broken.stderr
+    refused = ihb("key", "import", str(foreign), env=env, check=False)
+    assert refused.returncode != 0 and b"Traceback" not in refused.stderr, refused.stderr
+    ihb("key", "import", str(exported), env=env)
+    assert ihb("snapshots", "--json", env=env).returncode == 0
+
+
 def _pack_count(st: S3Storage) -> int:
     return sum(1 for n in st.list(fmt.DATA_PREFIX) if fmt.pack_id_from_name(n))
 
