@@ -51,6 +51,8 @@ async def serve(settings: ServerSettings, open_repo: Callable[[], Repository], o
                                                   settings.hostnames)
         ssl_ctx = server_context(cert, key)
         api = ApiServer(repo, state, settings)
+        stack.callback(api.ingest.close)  # queued catalog writes finish before the repository closes
+        api.ingest.catch_up()
         limits = Limits(settings.header_timeout, settings.body_timeout, settings.idle_timeout, settings.send_timeout)
         handler = connection_handler(api.app, limits, settings.max_connections, ssl_ctx)
         listeners = await trio.open_tcp_listeners(settings.listen_port, host=settings.listen_host)

@@ -14,6 +14,7 @@ See docs/protocol.md §4-§7.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ import msgpack
 import zstandard
 from Crypto.Cipher import AES
 
+from repo import catalog
 from repo import format as fmt
 from repo.crypto import Envelope
 from repo.repository import Repository
@@ -167,6 +169,44 @@ class Ingest:
         self._inflight: dict[bytes, threading.Event] = {}
         self._iflock = threading.Lock()
         self.server_id = hashlib.sha256(repo.key.derive("server id")).hexdigest()[:32]
+        # The file catalog (`ihb find`) after each commit, as a local backup does (docs/format.md §8:
+        # catalog after the restore point), on one thread of its own so the agent's commit returns at
+        # once and catalog writes never run two at a time.
+        self._catalog = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ihb-catalog")
+
+    # --- the file catalog ------------------------------------------------------------------------------
+    def catalogue(self, snap: Snapshot) -> concurrent.futures.Future[int]:
+        """Index a committed restore point in the background; a failure is logged, `ihb catalog rebuild`
+        (or the catch-up at the next start) picks it up later."""
+        return self._catalog.submit(self._index, snap)
+
+    def catch_up(self) -> concurrent.futures.Future[int]:
+        """At start: catalogue what a previous run committed but did not index (killed mid-way)."""
+        return self._catalog.submit(self._rebuild)
+
+    def _index(self, snap: Snapshot) -> int:
+        try:
+            if catalog.Catalog(self.repo.index).has_snapshot(snap.id):  # the start-up catch-up got it first
+                return 0
+            return catalog.index_snapshot(self.repo, snap)
+        except Exception as e:  # noqa: BLE001 - the restore point is committed; the catalog can follow later
+            log.warning("restore point %s of %s is not in the file catalog yet (%s); run `ihb catalog rebuild`",
+                        snap.short_id, snap.host, e)
+            return 0
+
+    def _rebuild(self) -> int:
+        try:
+            n = catalog.rebuild(self.repo)["indexed"]
+        except Exception as e:  # noqa: BLE001 - as above
+            log.warning("file catalog catch-up failed (%s); run `ihb catalog rebuild`", e)
+            return 0
+        if n:
+            log.info("catalogued %d restore points committed before this start", n)
+        return n
+
+    def close(self) -> None:
+        """Wait for the catalog writes queued so far (before the repository closes)."""
+        self._catalog.shutdown(wait=True)
 
     # --- tenant keys -----------------------------------------------------------------------------------
     def tenant_keys(self, tenant: str) -> TenantKeys:
@@ -429,6 +469,7 @@ class Ingest:
             self.repo.index.put_snapshot(stored.id, stored.to_record())
         self.state.record_blobs(sess["tenant"], sess["host"], (), refs)
         self.state.update_session(sid, state="committed", snapshot=stored.id, committed=time.time())
+        self.catalogue(stored)
         return stored
 
     # --- reads -----------------------------------------------------------------------------------------
