@@ -152,6 +152,29 @@ def restore_points_html(ov: views.Overview, admin: bool) -> str:
     return "<h2>Restore points</h2>" + _table(head, rows, "No restore points yet.")
 
 
+def sla_html(ov: views.Overview, admin: bool) -> str:
+    """The rows of `ihb sla`: how recent a point and how fast each job's host could be recovered."""
+    rows = []
+    for j in ov.sla:
+        status = {"ok": "<span class='ok'>within RPO</span>", "late": "<span class='bad'>LATE</span>"}.get(
+            j["rpo_status"], "no RPO")
+        age = _age(j["age_seconds"]) if j["age_seconds"] is not None else "-"
+        verified = "-"
+        if j["last_verified_ns"]:
+            verified = f"{_dt(j['last_verified_ns'])} ({esc(str(j['verified_by']))})"
+        if j["last_verification_failed"]:
+            verified += " <span class='bad'>last verification FAILED</span>"
+        speed = (f"{human_bytes(j['restore_bytes_per_second'])}/s" if j["restore_bytes_per_second"] is not None
+                 else "not measured")
+        tenant = f"<td>{esc(j['tenant'] or '-')}</td>" if admin else ""
+        rows.append(f"<tr class='sla'><td>{esc(j['job'])}</td>{tenant}<td>{esc(j['host'])}</td>"
+                    f"<td>{esc(j['rpo'] or '-')}</td><td>{_dt(j['last_good_ns'])}</td><td class='num'>{age}</td>"
+                    f"<td>{status}</td><td>{verified}</td><td>{speed}</td></tr>")
+    head = ["job", *(["tenant"] if admin else []), "host / VM", "RPO", "last good (UTC)", "age", "status",
+            "last verified", "restore speed"]
+    return "<h2>Jobs and their SLA</h2>" + _table(head, rows, "No jobs configured ([[jobs]] in the config).")
+
+
 def usage_html(u: dict[str, Any]) -> str:
     def ratio(v: Any) -> str:
         return f"{v:.2f}x" if v else "-"
@@ -330,7 +353,7 @@ class Dashboard:
         async def overview(req: Request, ws: WebSession, p: Principal) -> Response:
             ov = await self.api.run(views.overview, p, self.api.repo, self.cfg, self.usage)
             job = req.query.get("job") or None
-            body = (restore_points_html(ov, p.is_admin) + usage_html(ov.usage)
+            body = (restore_points_html(ov, p.is_admin) + sla_html(ov, p.is_admin) + usage_html(ov.usage)
                     + history_html(ov, job, p.is_admin))
             return _html("Overview" if p.is_admin else f"Overview: {p.tenant}", body, ws)
 

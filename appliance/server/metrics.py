@@ -68,6 +68,9 @@ def render(ov: Overview, requests: list[tuple[str, str, int]] | None = None) -> 
         Family("ihb_job_last_success_timestamp_seconds", "gauge", "End time of the newest good (ok or warning) run."),
         Family("ihb_job_rpo_seconds", "gauge", "The job's recovery point objective."),
         Family("ihb_job_rpo_ok", "gauge", "1 while the newest good restore point is within the RPO, else 0."),
+        Family("ihb_job_last_verified_timestamp_seconds", "gauge",
+               "Newest successful verification (check, verify-boot) covering the job's restore points."),
+        Family("ihb_job_restore_bytes_per_second", "gauge", "Speed of the last measured restore of the job's host."),
         Family("ihb_restore_points", "gauge", "Restore points per host or VM."),
         Family("ihb_restore_point_latest_timestamp_seconds", "gauge", "Time of the newest restore point per host or VM."),
         Family("ihb_restore_requests", "gauge", "Restore requests by state."),
@@ -117,10 +120,16 @@ def render(ov: Overview, requests: list[tuple[str, str, int]] | None = None) -> 
         lab = {"tenant": row.tenant, "host": row.name, "kind": row.kind}
         fam["ihb_restore_points"].add(row.count, **lab)
         fam["ihb_restore_point_latest_timestamp_seconds"].add(row.latest_ns / 1e9, **lab)
-        if row.rpo_seconds is not None:
-            jl = {"job": row.job, "tenant": row.tenant}
-            fam["ihb_job_rpo_seconds"].add(row.rpo_seconds, **jl)
-            fam["ihb_job_rpo_ok"].add(1 if row.rpo_ok else 0, **jl)
+    for j in ov.sla:
+        jl = {"job": j["job"], "tenant": j["tenant"]}
+        if j["rpo_seconds"] is not None:
+            fam["ihb_job_rpo_seconds"].add(j["rpo_seconds"], **jl)
+        if j["rpo_status"] != "none":
+            fam["ihb_job_rpo_ok"].add(1 if j["rpo_status"] == "ok" else 0, **jl)
+        if j["last_verified_ns"]:
+            fam["ihb_job_last_verified_timestamp_seconds"].add(j["last_verified_ns"] / 1e9, **jl)
+        if j["restore_bytes_per_second"] is not None:
+            fam["ihb_job_restore_bytes_per_second"].add(j["restore_bytes_per_second"], **jl)
     for tenant, state, n in sorted(requests or ()):
         fam["ihb_restore_requests"].add(n, tenant=tenant, state=state)
     u = ov.usage

@@ -5,8 +5,8 @@ viewer (a ``Principal``: admin sees all, a tenant token its tenant) and returns 
 viewer's tenant; the renderers (dashboard.py, metrics.py) never filter on their own.
 
 The sources are the ones the CLI reads: restore points from the repository, job records from
-``appliance.jobs.JobStore`` (the same as `ihb report`), job specs and RPO from the config (`ihb jobs
-list`), repository usage from ``repo.check.repository_info`` (`ihb info`). Restore points pushed by
+``appliance.jobs.JobStore`` (the same as `ihb report`), job specs and the SLA rows (RPO age, last
+verification, restore speed) from ``appliance.sla`` (`ihb sla`), repository usage from ``repo.check.repository_info`` (`ihb info`). Restore points pushed by
 network agents have no job record of their own; they are shown as runs of the job ``agent:HOST``,
 built with the same ``fill_record`` the scheduler uses.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance import jobs as J
+from appliance.sla import VerifyStore, sla_rows
 from repo.check import repository_info
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Overview:
     specs: list[J.JobSpec]
     usage: dict[str, Any]
     last_good: dict[str, J.JobRecord] = field(default_factory=dict)  # job -> newest good run
+    sla: list[dict[str, Any]] = field(default_factory=list)  # appliance.sla.sla_rows of the visible jobs
 
 
 def _tenant_of(snap: Snapshot) -> str:
@@ -95,10 +97,9 @@ def job_runs(p: Principal, store: J.JobStore, snaps: list[Snapshot]) -> list[J.J
     return runs
 
 
-def restore_point_rows(p: Principal, snaps: list[Snapshot], specs: list[J.JobSpec], store: J.JobStore,
-                       now_ns: int) -> list[RestorePointRow]:
-    """Per host and per VM: how many restore points, the newest, and its age against the RPO of the
-    job that produces it (a job's ``host`` names the host or VM)."""
+def restore_point_rows(p: Principal, snaps: list[Snapshot], sla: list[dict[str, Any]]) -> list[RestorePointRow]:
+    """Per host and per VM: how many restore points and the newest; the RPO status is the SLA row of
+    the job that names this host or VM (``appliance.sla``, as `ihb sla`)."""
     rows: dict[tuple[str, str, str], RestorePointRow] = {}
     for s in visible_snapshots(p, snaps):
         kind, name = ("vm", s.vm) if s.vm else ("host", s.host)
@@ -110,17 +111,20 @@ def restore_point_rows(p: Principal, snaps: list[Snapshot], specs: list[J.JobSpe
             row.count += 1
             row.latest_ns = max(row.latest_ns, s.time_ns)
     for row in rows.values():
-        spec = next((s for s in specs if s.rpo is not None and s.host == row.name
-                     and s.tenant in ("", row.tenant)), None)
-        if spec is None or spec.rpo is None:
-            continue
-        last = J.last_good_time(spec, store, {row.name: row.latest_ns})
-        deadline = J.rpo_deadline(spec, last, row.latest_ns)
-        assert deadline is not None and last is not None
-        row.job, row.rpo = spec.name, str(spec.rpo)
-        row.rpo_seconds = (deadline - last) / 1e9
-        row.rpo_ok = now_ns <= deadline
+        job = next((j for j in sla if j["rpo_status"] != "none" and j["host"] == row.name
+                    and j["tenant"] in ("", row.tenant)), None)
+        if job is not None:
+            row.job, row.rpo, row.rpo_seconds = job["job"], job["rpo"], job["rpo_seconds"]
+            row.rpo_ok = job["rpo_status"] == "ok"
     return sorted(rows.values(), key=lambda r: (r.tenant, r.kind, r.name))
+
+
+def newest_per_host(snaps: list[Snapshot]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in snaps:
+        k = s.vm or s.host
+        out[k] = max(out.get(k, 0), s.time_ns)
+    return out
 
 
 class UsageCache:
@@ -157,12 +161,15 @@ def usage_for(p: Principal, cache: UsageCache, snaps: list[Snapshot], runs: list
 def overview(p: Principal, repo: Repository, cfg: Config, cache: UsageCache) -> Overview:
     now = time.time_ns()
     snaps = repo.snapshots()
-    store = J.JobStore(J.state_dir(cfg))
+    d = J.state_dir(cfg)
+    store = J.JobStore(d)
     specs = visible_specs(p, cfg)
     runs = job_runs(p, store, snaps)
+    sla = sla_rows(specs, store, VerifyStore(d).all(), now, J.SeenStore(d).load(),
+                   newest_per_host(visible_snapshots(p, snaps)))
     last_good: dict[str, J.JobRecord] = {}
     for r in runs:
         if r.status in J.GOOD and r.end_ns and (r.job not in last_good or (last_good[r.job].end_ns or 0) < r.end_ns):
             last_good[r.job] = r
-    return Overview(now, restore_point_rows(p, snaps, specs, store, now), runs, specs,
-                    usage_for(p, cache, snaps, runs), last_good)
+    return Overview(now, restore_point_rows(p, snaps, sla), runs, specs, usage_for(p, cache, snaps, runs),
+                    last_good, sla)

@@ -340,6 +340,7 @@ def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
         # RPO column: web1 within its hour
         row = b.js("[...document.querySelectorAll('tr.rp')].find(r => r.innerText.includes('web1')).innerText")
         assert "within 1h" in row and "acme-web1" in row, row
+        assert b.js("document.querySelectorAll('tr.sla').length") == 2  # one row per configured job (ihb sla)
         # approve acme's pending restore request with the button
         b.goto(base + "/ui/requests")
         text = b.text()
@@ -366,6 +367,7 @@ def test_dashboard_in_chromium(appliance: Appliance, tmp_path: Path) -> None:
         for other in ("db7", "globex", "appliance-local"):
             assert other not in text, f"tenant acme sees {other!r}"
         assert b.js("document.querySelectorAll('#charts svg')[0].querySelectorAll('circle.pt').length") == 2
+        assert b.js("document.querySelectorAll('tr.sla').length") == 1
         b.goto(base + "/ui/requests")
         text = b.text()
         assert rids["acme"] in text and rids["globex"] not in text and "globex" not in text and "db7" not in text
