@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 UI = "/ui"
 FORM_MAX = 16 * 1024
-HISTORY_ROWS = 200  # job table rows shown (the charts use every run)
+HISTORY_ROWS = 200  # job table rows shown
+CHART_RUNS = 500  # newest runs drawn in the charts (an SVG point each)
 SECURITY_HEADERS = [
     ("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
                                 "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
@@ -208,7 +209,7 @@ def history_html(ov: views.Overview, job: str | None, admin: bool) -> str:
         label = f"<b>{esc(n)}</b>" if n == job else esc(n)
         links.append(f"<a href='{UI}/?job={quote(n, safe='')}'>{label}</a>")
     runs = [r for r in ov.runs if job is None or r.job == job]
-    done = [r for r in runs if r.duration is not None and r.start_ns]
+    done = [r for r in runs if r.duration is not None and r.start_ns][-CHART_RUNS:]
     dur_series: dict[str, charts.Series] = {}
     for r in done:
         s = dur_series.setdefault(r.job, charts.Series(r.job))

@@ -103,18 +103,20 @@ class Browser:
             pytest.fail(f"{CHROMIUM} is missing: the dashboard is tested in a real browser; install it with "
                         "`bash install.sh --dev` (Debian package chromium)")
         profile.mkdir(parents=True, exist_ok=True)
+        self.log = open(profile.parent / "chromium.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--ignore-certificate-errors", "--no-first-run", "--no-default-browser-check",
              "--disable-extensions", "--disable-background-networking", "--remote-debugging-port=0",
              f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=open(profile / "chromium.log", "wb"))  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=self.log)
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (profile / "chromium.log").read_text(errors="replace")[-3000:]
+                log = (profile.parent / "chromium.log").read_text(errors="replace")[-3000:]
                 self.proc.kill()
+                self.log.close()
                 pytest.fail(f"chromium did not start (exit {self.proc.poll()}):\n{log}")
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
@@ -190,4 +192,5 @@ class Browser:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self.log.close()
             shutil.rmtree(self.profile, ignore_errors=True)
