@@ -395,3 +395,26 @@ def test_metrics_escape_label_values() -> None:
     assert series(fams, "ihb_job_duration_seconds_sum", job=odd) == [2.0]
     assert series(fams, "ihb_job_last_success_timestamp_seconds", job=odd) == [now / 1e9]
     assert series(fams, "ihb_restore_requests", tenant="t", state="pending") == [2]
+
+
+def test_web_sessions_expire() -> None:
+    """Idle sessions end after the idle time, every session after MAX_LIFETIME; ids are never stored."""
+    from appliance.server.websessions import MAX_LIFETIME, SessionStore
+
+    now = [1000.0]
+    store = SessionStore(idle_seconds=60, clock=lambda: now[0])
+    sid, ws = store.create(b"d" * 32, "tenant", "acme", "0123")
+    assert sid not in repr(store.__dict__) and store.get(sid) is ws
+    now[0] += 59
+    assert store.get(sid) is ws  # each request restarts the idle timer
+    now[0] += 61
+    assert store.get(sid) is None
+    sid, ws = store.create(b"d" * 32, "tenant", "acme", "0123")
+    for _ in range(int(MAX_LIFETIME // 50) + 1):
+        now[0] += 50
+        if store.get(sid) is None:
+            break
+    assert now[0] - 1120 >= MAX_LIFETIME - 50 and store.get(sid) is None
+    sid2, _ = store.create(b"e" * 32, "admin", "*", "4567")
+    store.end(sid2)
+    assert store.get(sid2) is None and store.get("") is None and store.get("x" * 500) is None
