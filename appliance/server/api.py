@@ -22,7 +22,7 @@ from repo.errors import ChunkMissing, IntegrityError
 from repo.repository import Repository
 from repo.snapshot import Snapshot
 
-from . import dashboard, openapi, pages
+from . import dashboard, openapi, pages, restore_api
 from .app import HEX32, HEX64, App, Principal
 from .http import HTTPError, Request, Response, json_response
 from .ingest import KINDS, MAX_HAVE_IDS, Ingest
@@ -82,6 +82,7 @@ class ApiServer:
         self._register()
         pages.register(self.app)
         dashboard.register(self)  # the web dashboard and /metrics (dashboard.py)
+        restore_api.register(self)  # /api/v1/restore-requests (restore_api.py)
         self._openapi = openapi.build(self.app, API_VERSION)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
