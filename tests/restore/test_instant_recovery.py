@@ -122,3 +122,10 @@ def test_instant_recover_migrate_and_verify(tmp_path: Path, guest_kernel: GuestK
     ihb("backup-image", "--vm", "blank", "--disk", "vda", str(blank), env=env)
     bad = ihb("verify-boot", "blank@latest", "--timeout", "20", "--json", env=env, check=False, timeout=200)
     assert bad.returncode == 47 and not json.loads(bad.stdout)["ok"]
+    # both verdicts are also in the job state, where `ihb sla` reads them (with the measured restore-disk)
+    state = tmp_path / "data" / "jobs"
+    seen = [json.loads(ln) for ln in (state / "verifications.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["host"], r["ok"]) for r in seen] == [("verify-boot", "bootvm", True),
+                                                                 ("verify-boot", "blank", False)]
+    runs = [json.loads(ln) for ln in (state / "jobs.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "restore-disk" and r["host"] == "bootvm" and r["status"] == "ok" for r in runs)
