@@ -171,12 +171,17 @@ SIGN_OF_LIFE = r"(login:|IHBGUEST: (MARKER|READY|OVERLAY)|Reached target|Welcome
 @click.option("--expect", default=SIGN_OF_LIFE, show_default=True, metavar="REGEX",
               help="A line on the serial console that proves the guest came up.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for a sign of life.")
-def verify_boot(ctx: Ctx, ref: str, expect: str, timeout: float) -> None:
+@ticket_option
+def verify_boot(ctx: Ctx, ref: str, expect: str, timeout: float, ticket: str | None) -> None:
     """Boot REF in an isolated VM (no network, throwaway overlay), wait for a sign of life (guest agent or
     a serial line), record the result with the restore point, shut it down. Exit 0 if it booted, 47 if not."""
     t0 = time.monotonic()
     with ctx.open_repo() as repo:
         snap = find_image_snapshot(repo, ref)
+    # Refused up front (71) rather than recorded as "does not boot" when the tenant needs a ticket.
+    gate(ctx, snap, kind=("instant", "mount"), paths=[], target="", ticket=ticket).done("verify-boot")
+    if ticket:
+        os.environ[TICKET_ENV] = ticket
     try:
         rx = re.compile(expect)
     except re.error as e:
