@@ -1,4 +1,4 @@
-"""The restore-request endpoints (docs/protocol.md §5.6): customers and operators ask for restores and
+"""The restore-request endpoints (docs/protocol.md §5.5): customers and operators ask for restores and
 the tenant's authorizers approve or deny them over the API (the workflow and the policy are
 ``appliance.restore_requests``; this module only maps HTTP onto it).
 
