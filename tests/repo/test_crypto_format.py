@@ -32,6 +32,24 @@ def test_envelope_roundtrip_and_tamper(encryption: str) -> None:
         env.open(fmt.BlobKind.TREE, cid, stored)
 
 
+def test_openssl_and_pycryptodome_gcm_are_interchangeable() -> None:
+    """Sealing goes through OpenSSL (cryptography) when present, pycryptodome otherwise: repositories
+    written by either must open with the other, so the format never depends on which one is installed."""
+    key = KeyMaterial.generate("aes-256-gcm")
+    fast, reference = Envelope(key), Envelope(key)
+    assert fast._aead is not None, "the cryptography package (a dependency) must be importable"
+    reference._aead = None  # the pycryptodome path
+    data = os.urandom(300_000)
+    cid = fast.chunk_id(data)
+    for a, b in ((fast, reference), (reference, fast)):
+        stored = a.pack_blob(fmt.BlobKind.DATA, cid, data)
+        assert b.open(fmt.BlobKind.DATA, cid, stored) == data
+        bad = bytearray(stored)
+        bad[-1] ^= 1
+        with pytest.raises(IntegrityError):
+            b.open(fmt.BlobKind.DATA, cid, bytes(bad))
+
+
 def test_incompressible_stored_raw() -> None:
     env = Envelope(KeyMaterial.generate("none"))
     data = os.urandom(100_000)

@@ -41,7 +41,7 @@ def build_tree(root: Path, entries: list[tuple]) -> None:
             elif kind == "d":
                 p.mkdir()
             elif kind == "l":
-                os.symlink(data.decode("latin-1")[:50] or "x", p)
+                os.symlink(data.decode("latin-1").replace("\0", "")[:50] or "x", p)  # NUL never occurs in a path
             else:
                 with open(p, "wb") as f:  # sparse: data, a hole, data
                     f.write(data[:100])
