@@ -26,6 +26,7 @@ Config::
     [[notify.webhooks]]
     url = "https://hooks.example.com/ihb"
     secret = "..."      # or secret_file; the body is signed: X-Ihb-Signature: sha256=<hex HMAC-SHA256>
+    cafile = "..."      # optional, for https with a private CA (smtp takes cafile too)
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class SmtpTarget:
 class Webhook:
     url: str
     secret: str = ""
+    cafile: str = ""  # https: trust this CA instead of the system store
 
     @classmethod
     def from_obj(cls, o: Mapping[str, Any]) -> Webhook:
@@ -115,7 +117,7 @@ class Webhook:
         secret = str(o.get("secret", ""))
         if not secret and o.get("secret_file"):
             secret = _read_secret(str(o["secret_file"]), "webhook secret_file")
-        return cls(url, secret)
+        return cls(url, secret, str(o.get("cafile", "")))
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,11 @@ class _Permanent(Exception):
     """A failure that retrying cannot fix (a 4xx answer, a refused login)."""
 
 
+def _untrusted(what: str, e: ssl.SSLCertVerificationError) -> _Permanent:
+    return _Permanent(f"the {what}'s TLS certificate is not trusted ({e.verify_message}); set cafile "
+                      "to the CA that signed it")
+
+
 class Notifier:
     """Delivers events to every configured channel. ``send`` never raises."""
 
@@ -276,10 +283,17 @@ class Notifier:
         password = _read_secret(s.password_file, "smtp password_file") if s.password_file else ""
         cls = smtplib.SMTP_SSL if s.ssl else smtplib.SMTP
         kw: dict[str, Any] = {"context": tls} if s.ssl else {}
-        with cls(s.host, s.port, timeout=self.conf.timeout, **kw) as conn:
+        try:
+            conn = cls(s.host, s.port, timeout=self.conf.timeout, **kw)
+        except ssl.SSLCertVerificationError as e:
+            raise _untrusted("SMTP server", e) from None
+        with conn:
             conn.ehlo()
             if s.starttls and not s.ssl:
-                conn.starttls(context=tls)
+                try:
+                    conn.starttls(context=tls)
+                except ssl.SSLCertVerificationError as e:
+                    raise _untrusted("SMTP server", e) from None
                 conn.ehlo()
             if s.username:
                 try:
@@ -296,11 +310,16 @@ class Notifier:
             headers[SIGNATURE_HEADER] = sign(hook.secret.encode(), body)
         req = urllib.request.Request(hook.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.conf.timeout) as resp:
+            tls = ssl.create_default_context(cafile=hook.cafile or None) if hook.url.startswith("https:") else None
+            with urllib.request.urlopen(req, timeout=self.conf.timeout, context=tls) as resp:
                 resp.read()
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500 and e.code not in (408, 425, 429):
                 raise _Permanent(f"HTTP {e.code} {e.reason}") from None
+            raise
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                raise _untrusted("webhook", e.reason) from None
             raise
 
 

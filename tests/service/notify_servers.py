@@ -3,11 +3,13 @@ HTTP server (http.server in a thread) that can be told to fail."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import http.server
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -47,15 +49,33 @@ class Mailbox:
         return AuthResult(success=False)
 
 
-@pytest.fixture
-def smtp_server() -> Iterator[Mailbox]:
+@contextlib.contextmanager
+def run_smtp(tls: ssl.SSLContext | None = None) -> Iterator[Mailbox]:
+    """aiosmtpd on loopback; with ``tls`` it offers STARTTLS and requires it before mail and login."""
     box = Mailbox(free_port())
-    ctl = Controller(box, hostname="127.0.0.1", port=box.port, authenticator=box, auth_require_tls=False)
+    ctl = Controller(box, hostname="127.0.0.1", port=box.port, authenticator=box, auth_require_tls=tls is not None,
+                     tls_context=tls, require_starttls=tls is not None)
     ctl.start()
     try:
         yield box
     finally:
         ctl.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Mailbox]:
+    with run_smtp() as box:
+        yield box
+
+
+def tls_pair(directory: Path) -> tuple[str, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1 (the appliance's own generator) and a server context."""
+    from appliance.server.tls import ensure_certificate
+
+    cert, key, _ = ensure_certificate(str(directory), None, None, [])
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return cert, ctx
 
 
 @dataclass
@@ -70,6 +90,12 @@ class Hooks:
 
 @pytest.fixture
 def webhook_server() -> Iterator[Hooks]:
+    with run_webhooks() as hooks:
+        yield hooks
+
+
+@contextlib.contextmanager
+def run_webhooks(tls: ssl.SSLContext | None = None) -> Iterator[Hooks]:
     hooks = Hooks("")
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -88,7 +114,9 @@ def webhook_server() -> Iterator[Hooks]:
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    hooks.url = f"http://127.0.0.1:{srv.server_address[1]}/hook"
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    hooks.url = f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}/hook"
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     try:

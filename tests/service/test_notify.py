@@ -21,7 +21,10 @@ from tests.service.notify_servers import (  # noqa: F401 - fixtures
     Mailbox,
     free_port,
     late_agent_job,
+    run_smtp,
+    run_webhooks,
     smtp_server,
+    tls_pair,
     web_job,
     webhook_server,
 )
@@ -30,10 +33,13 @@ from tests.util import ihb
 SECRET = "hook-secret"
 
 
-def _config(tmp_path: Path, box: Mailbox, hooks: Hooks, jobs: str, extra: str = "") -> Path:
+def _config(tmp_path: Path, box: Mailbox, hooks: Hooks, jobs: str, cafile: str | None = None) -> Path:
+    """Both channels with login and a signing secret; ``cafile``: STARTTLS, and trust that CA (or, with
+    "", the system store only) for the SMTP server and the webhook."""
     (tmp_path / "smtp.pw").write_text(box.password.decode() + "\n")
+    ca = "" if cafile is None else f'cafile = "{cafile}"'
     conf = tmp_path / "config.toml"
-    conf.write_text(_head(tmp_path, extra) + f"""
+    conf.write_text(_head(tmp_path) + f"""
 [notify.smtp]
 host = "127.0.0.1"
 port = {box.port}
@@ -41,10 +47,13 @@ username = "ihb"
 password_file = "{tmp_path / 'smtp.pw'}"
 from = "ihb@appliance.test"
 to = ["ops@example.test", "oncall@example.test"]
+starttls = {str(cafile is not None).lower()}
+{ca}
 
 [[notify.webhooks]]
 url = "{hooks.url}"
 secret = "{SECRET}"
+{ca}
 {jobs}
 """)
     return conf
@@ -202,3 +211,21 @@ def test_notify_test_command(tmp_path: Path, cli_env: dict[str, str], smtp_serve
     assert p.returncode == 1 and b"webhook" in p.stdout and b"failed after 3 attempts" in p.stdout
     none = ihb("notify", "test", env={**cli_env, "IHB_CONFIG": str(tmp_path / "none.toml")}, check=False)
     assert none.returncode != 0
+
+
+def test_starttls_and_https_with_a_private_ca(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Port-587 style STARTTLS (required by the server before login) and an https webhook, both trusting
+    the receiver's certificate through cafile; without it, one attempt and a clear reason."""
+    cert, tls = tls_pair(tmp_path / "tls")
+    with run_smtp(tls) as box, run_webhooks(tls) as hooks:
+        env = {**cli_env, "IHB_CONFIG": str(_config(tmp_path, box, hooks, "", cafile=cert))}
+        out = json.loads(ihb("notify", "test", "--json", env=env).stdout)
+        assert [(r["channel"], r["status"]) for r in out] == [("email", "sent"), ("webhook", "sent")]
+        assert box.logins == [(b"ihb", b"s3cret")] and len(box.messages) == 1
+        assert _check_signed(hooks)[0]["event"] == "test"
+        _config(tmp_path, box, hooks, "", cafile="")
+        p = ihb("notify", "test", "--json", env=env, check=False)
+        assert p.returncode == 1
+        res = json.loads(p.stdout)
+        assert all(r["status"] == "failed" and r["attempts"] == 1 and "not trusted" in r["error"] for r in res)
+        assert len(box.messages) == 1 and len(hooks.requests) == 1
