@@ -297,3 +297,29 @@ def test_store_api_scope_rules(env: Env) -> None:
         store.deny(files.id, "alice")
     assert [r.id for r in store.list(tenant="acme", state="executed")] == [img.id, files.id]
     assert store.get(img.id[:6]).to_obj()["ticket"]["paths"] == ["/vda"]
+
+
+def test_vm_disk_restores_need_a_bare_metal_ticket(env: Env) -> None:
+    image = env.tmp / "vda.raw"
+    with open(image, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.seek(8 << 20)
+        f.write(b"end of disk\n")
+    with open(env.config, "a") as f:
+        f.write(_tenant("vmco", "shop-db", 'authorizers = ["alice"]'))
+    snap = env.json("backup-image", str(image), "--vm", "shop-db", "--disk", "vda")["id"]
+    out = env.tmp / "restored.raw"
+    assert "vmco" in env.refused(TICKET_REFUSED, "restore-disk", "shop-db@latest", "vda", str(out))
+    assert "vmco" in env.refused(TICKET_REFUSED, "nbd-export", "shop-db@latest", "--socket", str(env.tmp / "s"))
+    assert not out.exists()
+
+    rid = env.request(snap, "--kind", "bare-metal", "--path", "vda", "--target", str(out))["id"]
+    ticket = env.json("restore-request", "approve", rid, "--as", "alice")["ticket_secret"]
+    assert "for a bare-metal restore" in env.refused(TICKET_REFUSED, "nbd-export", "shop-db@latest", "--socket",
+                                                     str(env.tmp / "s"), "--ticket", ticket)
+    env.run("restore-disk", "shop-db@latest", "vda", str(out), "--ticket", ticket)
+    assert out.read_bytes() == image.read_bytes()
+    assert "already used" in env.refused(TICKET_REFUSED, "restore-disk", "shop-db@latest", "vda", str(out),
+                                         "--force", "--ticket", ticket)
+    done = [e for e in env.audit() if e["action"] == "restore-done"]
+    assert [e["details"]["request"] for e in done] == [rid]
