@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 NBDMAGIC = b"NBDMAGIC"
@@ -60,14 +59,16 @@ class NBDClient:
     # --- wire ---------------------------------------------------------------------------------------
     def _recv(self, n: int) -> bytes:
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        got, n = 0, len(view)
         while got < n:
             k = self.sock.recv_into(view[got:], n - got)
             if k == 0:
                 raise NBDError("NBD server closed the connection")
             got += k
-        return bytes(buf)
 
     def _send_opt(self, opt: int, data: bytes = b"") -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
@@ -134,9 +135,9 @@ class NBDClient:
 
     # --- commands -----------------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        return next(self.read_many([(offset, length)]))
+        return bytes(next(self.read_many([(offset, length)])))
 
-    def read_many(self, extents: Iterable[tuple[int, int]], depth: int = 8) -> Iterator[bytes]:
+    def read_many(self, extents: Iterable[tuple[int, int]], depth: int = 8) -> Iterator[bytearray]:
         """Read extents (any length; split at 32 MiB) with up to ``depth`` requests in flight,
         yielding each extent's bytes in order."""
         pieces: list[tuple[int, int]] = []
@@ -146,9 +147,9 @@ class NBDClient:
                 pieces.append((off, n))
                 off += n
                 ln -= n
-        inflight: OrderedDict[int, tuple[int, bytearray, list[bool]]] = OrderedDict()
+        inflight: dict[int, tuple[int, bytearray]] = {}
         it = iter(pieces)
-        done: dict[int, bytes] = {}
+        done: dict[int, bytearray] = {}
         order: list[int] = []
 
         def send_next() -> bool:
@@ -156,7 +157,7 @@ class NBDClient:
             if nxt is None:
                 return False
             cookie = self._request(CMD_READ, *nxt)
-            inflight[cookie] = (nxt[0], bytearray(nxt[1]), [False])
+            inflight[cookie] = (nxt[0], bytearray(nxt[1]))
             order.append(cookie)
             return True
 
@@ -171,20 +172,37 @@ class NBDClient:
                 pos += 1
                 send_next()
                 continue
-            cookie, rtype, flags, payload = self._reply_chunk()
-            base, buf, _ = inflight[cookie]
-            if rtype == R_OFFSET_DATA:
-                (off,) = struct.unpack(">Q", payload[:8])
-                buf[off - base : off - base + len(payload) - 8] = payload[8:]
-            elif rtype == R_OFFSET_HOLE:
-                pass  # the buffer is already zeros
-            elif rtype == R_NONE and not payload:
-                pass
-            if flags & REPLY_FLAG_DONE:
-                if rtype == R_NONE and payload == b"" and not flags & 2:
-                    pass
-                del inflight[cookie]
-                done[cookie] = bytes(buf)
+            cookie = self._read_reply_into(inflight)
+            if cookie is not None:
+                done[cookie] = inflight.pop(cookie)[1]
+
+    def _read_reply_into(self, inflight: dict[int, tuple[int, bytearray]]) -> int | None:
+        """Consume one reply chunk of a read, its data received straight into the request's buffer
+        (one copy, from the socket). Returns the cookie once that request is complete."""
+        magic = struct.unpack(">I", self._recv(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:  # only without structured replies, which we always negotiate
+            raise NBDError("unexpected simple reply to a read")
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise NBDError("malformed NBD reply")
+        flags, rtype, cookie, length = struct.unpack(">HHQI", self._recv(16))
+        if rtype & R_ERROR_BIT:
+            payload = self._recv(length) if length else b""
+            err = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else 0
+            raise NBDError(f"NBD request failed with error {err}")
+        if cookie not in inflight:
+            raise NBDError(f"NBD reply for unknown request {cookie}")
+        base, buf = inflight[cookie]
+        if rtype == R_OFFSET_DATA:
+            if length < 8:
+                raise NBDError("malformed NBD data chunk")
+            (off,) = struct.unpack(">Q", self._recv(8))
+            start, n = off - base, length - 8
+            if start < 0 or start + n > len(buf):
+                raise NBDError("NBD data chunk outside its request")
+            self._recv_into(memoryview(buf)[start : start + n])
+        elif length:
+            self._recv(length)  # a hole (the buffer is already zeros) or nothing we use
+        return cookie if flags & REPLY_FLAG_DONE else None
 
     def block_status(self, context: str, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) runs of a meta context over [offset, offset+length)."""

@@ -116,7 +116,7 @@ class NBDSource:
         if cur is not None:
             yield cur
 
-    def read_many(self, extents: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    def read_many(self, extents: Iterable[tuple[int, int]]) -> Iterator[bytearray]:
         yield from self.client.read_many(_split(extents))
 
     def close(self) -> None:
