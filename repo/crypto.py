@@ -16,8 +16,6 @@ from typing import Any
 
 import blake3
 import zstandard
-from Crypto.Cipher import AES
-from Crypto.Protocol.KDF import scrypt
 
 from . import format as fmt
 from .errors import IntegrityError, InvalidArgument, WrongPassphrase
@@ -32,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         pass
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
+KEYFILE_AAD = b"ihb1-keyfile"
 
 # Production scrypt cost: N=2^17, r=8 (128 MiB, ~0.4 s here). Tests may weaken it explicitly.
 SCRYPT_N = 1 << 17
@@ -49,6 +48,46 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode())
+
+
+class Aead:
+    """AES-256-GCM, the one implementation every sealed object uses (blobs, the key file, tenant keys).
+
+    OpenSSL (the ``cryptography`` package) when importable, ~10x faster than pycryptodome both ways
+    (4.7 against 0.49 GB/s sealing 1 MiB here); pycryptodome otherwise. The bytes are identical
+    (tested), so which one is installed never changes the format. ``open`` raises ValueError when
+    authentication fails. Thread-safe.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._fast = _AESGCM(key) if _AESGCM is not None else None
+
+    def seal(self, nonce: bytes, body: bytes | memoryview, aad: bytes) -> bytes:
+        """Ciphertext followed by the 16-byte tag."""
+        if self._fast is not None:
+            return self._fast.encrypt(nonce, body, aad)
+        from Crypto.Cipher import AES  # pycryptodome loads lazily: 35 ms of every command's start
+
+        c = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
+        c.update(aad)
+        ct, tag = c.encrypt_and_digest(body)
+        return ct + tag
+
+    def open(self, nonce: bytes, ct_tag: bytes | memoryview, aad: bytes) -> bytes:
+        if len(ct_tag) < fmt.TAG_LEN:
+            raise ValueError("sealed data is shorter than its tag")
+        if self._fast is not None:
+            try:
+                return self._fast.decrypt(nonce, ct_tag, aad)
+            except _InvalidTag:
+                raise ValueError("authentication failed") from None
+        from Crypto.Cipher import AES
+
+        c = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
+        c.update(aad)
+        mv = memoryview(ct_tag)
+        return c.decrypt_and_verify(mv[: -fmt.TAG_LEN], mv[-fmt.TAG_LEN :])
 
 
 @dataclass(frozen=True)
@@ -76,11 +115,12 @@ class KeyMaterial:
                 raise InvalidArgument("an encrypted repository needs a non-empty passphrase")
             salt = os.urandom(16)
             n = _kdf_n()
+            from Crypto.Protocol.KDF import scrypt
+
             kek = scrypt(passphrase, salt, 32, N=n, r=SCRYPT_R, p=SCRYPT_P)  # type: ignore[arg-type]
             nonce = os.urandom(fmt.NONCE_LEN)
-            c = AES.new(kek, AES.MODE_GCM, nonce=nonce)  # type: ignore[arg-type]
-            c.update(b"ihb1-keyfile")
-            ct, tag = c.encrypt_and_digest(self.master)
+            sealed = Aead(kek).seal(nonce, self.master, KEYFILE_AAD)  # type: ignore[arg-type]
+            ct, tag = sealed[: -fmt.TAG_LEN], sealed[-fmt.TAG_LEN :]
             doc = {
                 "version": 1,
                 "kdf": "scrypt",
@@ -113,11 +153,11 @@ class KeyMaterial:
             from .errors import PassphraseRequired
 
             raise PassphraseRequired()
+        from Crypto.Protocol.KDF import scrypt
+
         kek = scrypt(passphrase, salt, 32, N=n, r=r, p=p)  # type: ignore[arg-type]
-        c = AES.new(kek, AES.MODE_GCM, nonce=nonce)  # type: ignore[arg-type]
-        c.update(b"ihb1-keyfile")
         try:
-            master = c.decrypt_and_verify(ct, tag)
+            master = Aead(kek).open(nonce, ct + tag, KEYFILE_AAD)  # type: ignore[arg-type]
         except ValueError:
             raise WrongPassphrase() from None
         return cls(master, encryption)
@@ -154,10 +194,7 @@ class Envelope:
     def __init__(self, key: KeyMaterial, compression_level: int = 3) -> None:
         self.encryption = key.encryption
         self._id_key = key.derive("chunk id")
-        self._enc_key = key.derive("aead")
-        # The same AES-256-GCM through OpenSSL when available: ~10x faster than pycryptodome both ways
-        # (4.7 against 0.49 GB/s sealing 1 MiB here), byte-identical output (tested).
-        self._aead = _AESGCM(self._enc_key) if _AESGCM is not None else None
+        self._aead = Aead(key.derive("aead"))
         self._check_key = key.derive("plaintext check")
         self.chunker_seed = int.from_bytes(key.derive("chunker seed", 8), "little") & 0x7FFF_FFFF_FFFF_FFFF
         self.level = compression_level
@@ -179,12 +216,7 @@ class Envelope:
         if self.encryption == "none":
             return body + blake3.blake3(aad + body, key=self._check_key).digest(fmt.PLAIN_CHECK_LEN)
         nonce = os.urandom(fmt.NONCE_LEN)
-        if self._aead is not None:
-            return nonce + self._aead.encrypt(nonce, body, aad)
-        c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
-        c.update(aad)
-        ct, tag = c.encrypt_and_digest(body)
-        return nonce + ct + tag
+        return nonce + self._aead.seal(nonce, body, aad)
 
     def open(self, kind: int, obj_id: bytes, stored: bytes | memoryview) -> bytes:
         """Authenticate, decrypt and decompress; raises IntegrityError on any mismatch."""
@@ -199,13 +231,8 @@ class Envelope:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
             nonce = bytes(stored[: fmt.NONCE_LEN])
             try:
-                if self._aead is not None:
-                    body = self._aead.decrypt(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
-                else:
-                    c = AES.new(self._enc_key, AES.MODE_GCM, nonce=nonce)
-                    c.update(aad)
-                    body = c.decrypt_and_verify(stored[fmt.NONCE_LEN : -fmt.TAG_LEN], stored[-fmt.TAG_LEN :])
-            except (ValueError, _InvalidTag):
+                body = self._aead.open(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
+            except ValueError:
                 raise IntegrityError(
                     f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)"
                 ) from None

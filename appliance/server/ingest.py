@@ -28,11 +28,10 @@ from typing import Any
 import blake3
 import msgpack
 import zstandard
-from Crypto.Cipher import AES
 
 from repo import catalog
 from repo import format as fmt
-from repo.crypto import Envelope
+from repo.crypto import Aead, Envelope
 from repo.repository import Repository
 from repo.snapshot import Snapshot
 from repo.storage import ObjectExists
@@ -58,22 +57,17 @@ class ContentSealer:
     """
 
     def __init__(self, secret: bytes) -> None:
-        self._enc = _derive(secret, "content aead")
+        self._aead = Aead(_derive(secret, "content aead"))
         self._nonce = _derive(secret, "content nonce")
 
     def seal(self, kind: int, body: bytes) -> bytes:
         nonce = blake3.blake3(bytes((kind,)) + body, key=self._nonce).digest(fmt.NONCE_LEN)
-        c = AES.new(self._enc, AES.MODE_GCM, nonce=nonce)
-        c.update(b"ihbt1" + bytes((kind,)))
-        ct, tag = c.encrypt_and_digest(body)
-        return nonce + ct + tag
+        return nonce + self._aead.seal(nonce, body, b"ihbt1" + bytes((kind,)))
 
     def open(self, kind: int, sealed: bytes) -> bytes:
         if len(sealed) < fmt.NONCE_LEN + fmt.TAG_LEN:
             raise ValueError("sealed blob truncated")
-        c = AES.new(self._enc, AES.MODE_GCM, nonce=sealed[: fmt.NONCE_LEN])
-        c.update(b"ihbt1" + bytes((kind,)))
-        return c.decrypt_and_verify(sealed[fmt.NONCE_LEN : -fmt.TAG_LEN], sealed[-fmt.TAG_LEN :])
+        return self._aead.open(sealed[: fmt.NONCE_LEN], memoryview(sealed)[fmt.NONCE_LEN :], b"ihbt1" + bytes((kind,)))
 
 
 def _derive(secret: bytes, context: str, length: int = 32) -> bytes:
@@ -237,18 +231,13 @@ class Ingest:
         if not self.repo.storage.exists(name):
             secret = os.urandom(32)
             nonce = os.urandom(fmt.NONCE_LEN)
-            c = AES.new(wrap, AES.MODE_GCM, nonce=nonce)
-            c.update(aad)
-            ct, tag = c.encrypt_and_digest(secret)
             try:
-                self.repo.storage.put_bytes(name, nonce + ct + tag)
+                self.repo.storage.put_bytes(name, nonce + Aead(wrap).seal(nonce, secret, aad))
             except ObjectExists:
                 pass  # created concurrently by another appliance process: read theirs
         raw = self.repo.storage.get(name)
-        c = AES.new(wrap, AES.MODE_GCM, nonce=raw[: fmt.NONCE_LEN])
-        c.update(aad)
         try:
-            return c.decrypt_and_verify(raw[fmt.NONCE_LEN : -fmt.TAG_LEN], raw[-fmt.TAG_LEN :])
+            return Aead(wrap).open(raw[: fmt.NONCE_LEN], raw[fmt.NONCE_LEN :], aad)
         except ValueError:
             raise HTTPError(503, f"the key of tenant {tenant} is damaged; the appliance log has details") from None
 
