@@ -23,8 +23,9 @@ Why this shape (see docs of QEMU's "incremental backup" and the recipes this pro
   files into holes first; then the guest file systems' own allocation bitmaps
   (:func:`repo.guestfs.find_free_extents`: ext2/3/4, FAT, XFS and NTFS) mark more blocks as free even
   when they were never discarded. Both are read from the fleece, i.e. at the same point in time as the
-  data. XFS and NTFS are only evaluated when their log is clean (a shut-down guest, or an XFS/NTFS
-  data disk that is not mounted); ext4 journals that need recovery are scanned instead.
+  data. XFS is evaluated when its log is clean or holds only superblock updates (a frozen guest);
+  NTFS only when its $LogFile is clean (a shut-down guest); ext4 journals that need recovery are
+  scanned for newer bitmaps instead.
 
 Everything QEMU-side that a run creates (fleece nodes and jobs, exports, the NBD server) carries an
 ``ihb-`` prefix and is removed in ``finally``; a run killed with SIGKILL leaves them behind, and the

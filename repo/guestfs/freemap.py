@@ -22,8 +22,9 @@ What is supported (everything else is "all used"):
   block checked (magic, level, and on v5 CRC, owner AG, location and UUID), cross-checked against
   the by-size tree, ``agf_freeblks`` and ``agf_longest``; AGFL blocks (reserved for btree growth)
   and the trees' own blocks must lie outside every free extent. Any mismatch: that AG is used.
-  Only when the log ends with an unmount record (see :func:`_xfs_log_must_be_clean`): the AGFs
-  of a mounted, crashed *or frozen* XFS can be older than the log, so those are all used.
+  Only when recovering the log would change no free-space metadata (see
+  :func:`_xfs_log_must_be_clean`): after a clean unmount, or a frozen/idle XFS whose log holds
+  nothing but superblock updates. A copy of a busy or crashed XFS is all used.
 * **NTFS** - clusters whose ``$Bitmap`` bit is clear, only when ``$Volume`` is not dirty and the
   ``$LogFile`` is provably clean (empty, or every restart area says clean); the bitmap's length
   must fit the cluster count and the metafiles ($MFT, $MFTMirr, $LogFile, $Bitmap, $Boot) must be
@@ -673,6 +674,13 @@ _XLOG_UNMOUNT_TRANS = 0x20
 _XLOG_VERSION_2 = 2
 _XLOG_HEADER_CYCLE_SIZE = 32 * 1024
 _XLOG_SEARCH_BACK = 4096  # basic blocks searched back from the head for the last record header
+_XLOG_CONTINUE_TRANS = 0x4
+_XLOG_WAS_CONT_TRANS = 0x8
+_XLOG_MAX_RECORD = 256 * 1024 + 64 * 1024  # largest in-core log buffer plus stripe padding
+_XFS_TRANSACTION_CLIENT = 0x69
+_XFS_LOG_CLIENT = 0xAA
+_XFS_TRANS_HEADER_MAGIC_LE = b"NART"  # 0x5452414e; log items are in the writer's byte order
+_XFS_LI_BUF = 0x123C
 _BB = 512
 
 
@@ -911,70 +919,168 @@ def _xfs_alloc_btree(
 
 
 def _xfs_log_must_be_clean(src: ByteSource, sb: _XfsSuper, start: int, size: int) -> None:
-    """:class:`_Skip` unless the log's last record is an unmount record, as in ``xlog_find_tail``.
+    """:class:`_Skip` unless recovery of the log would change no free-space metadata.
+
+    Two cases are accepted, everything else (a log copied from a running or crashed system)
+    makes the whole file system "used":
+
+    * the last record is an unmount record ending at the head (clean unmount, as
+      ``xlog_check_unmount_rec`` decides);
+    * every record from the tail to the head logs nothing but the primary superblock buffer:
+      the log of an idle or frozen XFS, which "covers" itself with such dummy transactions after
+      all metadata has been written in place. Write-ahead logging means any AGF, AGFL or btree
+      change not yet written in place would be in this range.
+    """
+    xlog = _XfsLog(src, sb, start, size)
+    last = xlog.last_record()
+    if last.end != xlog.head:
+        raise _Skip("XFS log: last record does not end at the head (torn write)")
+    ops = list(last.ops())
+    if len(ops) == 1 and ops[0][2] & _XLOG_UNMOUNT_TRANS:
+        return
+    xlog.require_only_superblock_since(last.tail_lsn)
+
+
+@dataclass
+class _XlogRecord:
+    blk: int
+    cycle: int
+    tail_lsn: int
+    num_logops: int
+    end: int  # log block after the record
+    data: bytes  # the record's payload with the cycle-stamped words restored
+
+    def ops(self) -> Iterator[tuple[int, int, int, bytes]]:
+        """``(tid, clientid, flags, payload)`` of each log operation in the record."""
+        pos = 0
+        for _ in range(self.num_logops):
+            if pos + 12 > len(self.data):
+                raise _Skip("XFS log record: operations overrun the record")
+            tid, length, clientid, flags = struct.unpack_from(">IIBB", self.data, pos)
+            payload = self.data[pos + 12 : pos + 12 + length]
+            if len(payload) != length:
+                raise _Skip("XFS log record: operation overruns the record")
+            pos += 12 + length
+            yield tid, clientid, flags, payload
+
+
+class _XfsLog:
+    """The internal log: cycle numbers of all basic blocks, the head, and verified records.
 
     Every 512-byte basic block of the log begins with the cycle number it was written in (a
     record header holds it in its second word). The log is read completely - its size is about
     1/2000 of the file system's - and must consist of one run of cycle ``C`` from its start,
-    followed only by blocks of cycle ``C - 1``: the head is at the change. Anything else (a torn
-    or out-of-order write of a live log) means not provably clean. The last record before the
-    head must be a single-op record flagged ``XLOG_UNMOUNT_TRANS`` that ends exactly at the head
-    and whose CRC is correct.
+    followed only by blocks of cycle ``C - 1``: the head is at the change. Anything else (a
+    torn or out-of-order write of a live log) means not provably clean.
     """
-    from array import array
 
-    nbb = size // _BB
-    cycles = array("I")
-    step = 1 << 20
-    for off in range(0, size, step):
-        raw = src.read_at(start + off, min(step, size - off))
-        if len(raw) != min(step, size - off):
-            raise _Skip("XFS log unreadable")
-        words = array("I", raw)
-        if sys.byteorder == "little":
-            words.byteswap()
-        first, second = words[0::128], words[1::128]
-        cycles.extend(c2 if c1 == _XLOG_HEADER_MAGIC else c1 for c1, c2 in zip(first, second, strict=True))
-    cycle = cycles[0]
-    head = next((i for i, c in enumerate(cycles) if c != cycle), nbb)
-    if cycle == 0 or any(c != cycle - 1 for c in cycles[head:]):
-        raise _Skip("XFS log is not cleanly written (needs recovery or was copied while in use)")
-    head %= nbb
+    def __init__(self, src: ByteSource, sb: _XfsSuper, start: int, size: int) -> None:
+        from array import array
 
-    def bb(index: int, count: int = 1) -> bytes:
-        parts = []
-        for i in range(index, index + count):
-            parts.append(src.read_at(start + (i % nbb) * _BB, _BB))
-        return b"".join(parts)
+        self.src, self.sb, self.start = src, sb, start
+        self.nbb = size // _BB
+        cycles = array("I")
+        step = 1 << 20
+        for off in range(0, size, step):
+            raw = src.read_at(start + off, min(step, size - off))
+            if len(raw) != min(step, size - off):
+                raise _Skip("XFS log unreadable")
+            words = array("I", raw)
+            if sys.byteorder == "little":
+                words.byteswap()
+            first, second = words[0::128], words[1::128]
+            cycles.extend(
+                c2 if c1 == _XLOG_HEADER_MAGIC else c1 for c1, c2 in zip(first, second, strict=True)
+            )
+        cycle = cycles[0]
+        head = next((i for i, c in enumerate(cycles) if c != cycle), self.nbb)
+        if cycle == 0 or any(c != cycle - 1 for c in cycles[head:]):
+            raise _Skip("XFS log is not cleanly written (needs recovery or was copied while in use)")
+        self.cycles = cycles
+        self.head = head % self.nbb
 
-    for back in range(1, min(_XLOG_SEARCH_BACK, nbb) + 1):
-        blk = (head - back) % nbb
-        hdr = bb(blk)
-        if struct.unpack_from(">I", hdr)[0] == _XLOG_HEADER_MAGIC:
-            break
-    else:
+    def bb(self, index: int, count: int = 1) -> bytes:
+        return b"".join(
+            self.src.read_at(self.start + (i % self.nbb) * _BB, _BB) for i in range(index, index + count)
+        )
+
+    def last_record(self) -> _XlogRecord:
+        for back in range(1, min(_XLOG_SEARCH_BACK, self.nbb) + 1):
+            blk = (self.head - back) % self.nbb
+            if struct.unpack_from(">I", self.bb(blk))[0] == _XLOG_HEADER_MAGIC:
+                return self.record(blk)
         raise _Skip("no XFS log record header before the head")
-    _magic, h_cycle, h_version, h_len, h_lsn = struct.unpack_from(">IIIIQ", hdr)
-    (h_crc,) = struct.unpack_from("<I", hdr, 32)
-    (num_logops,) = struct.unpack_from(">i", hdr, 40)
-    (h_size,) = struct.unpack_from(">i", hdr, 320)
-    if h_lsn != (h_cycle << 32 | blk) or hdr[304:320] != sb.fs_uuid:
-        raise _Skip("XFS log record header is inconsistent")
-    hblks = 1
-    if h_version & _XLOG_VERSION_2 and h_size > _XLOG_HEADER_CYCLE_SIZE:
-        hblks = -(-h_size // _XLOG_HEADER_CYCLE_SIZE)
-    data_bbs = -(-h_len // _BB)
-    if (blk + hblks + data_bbs) % nbb != head or num_logops != 1 or data_bbs == 0:
-        raise _Skip("XFS log does not end with an unmount record (needs recovery)")
-    body = bb(blk, hblks + data_bbs)
-    data = body[hblks * _BB :]
-    if not data[9] & _XLOG_UNMOUNT_TRANS:
-        raise _Skip("XFS log does not end with an unmount record (needs recovery)")
-    if sb.v5 or h_crc:
+
+    def record(self, blk: int) -> _XlogRecord:
+        """The record whose header is at ``blk``, checked (position, UUID, CRC) and un-stamped."""
+        hdr = self.bb(blk)
+        magic, h_cycle, h_version, h_len, h_lsn, tail_lsn = struct.unpack_from(">IIIIQQ", hdr)
+        (h_crc,) = struct.unpack_from("<I", hdr, 32)
+        (num_logops,) = struct.unpack_from(">i", hdr, 40)
+        (h_size,) = struct.unpack_from(">i", hdr, 320)
+        if (
+            magic != _XLOG_HEADER_MAGIC
+            or h_cycle != self.cycles[blk]
+            or h_lsn != (h_cycle << 32 | blk)
+            or hdr[304:320] != self.sb.fs_uuid
+            or not 0 <= h_len <= _XLOG_MAX_RECORD
+            or num_logops < 0
+        ):
+            raise _Skip(f"XFS log record header at block {blk} is inconsistent")
+        hblks = 1
+        if h_version & _XLOG_VERSION_2 and h_size > _XLOG_HEADER_CYCLE_SIZE:
+            hblks = -(-h_size // _XLOG_HEADER_CYCLE_SIZE)
+        data_bbs = -(-h_len // _BB)
+        body = self.bb(blk, hblks + data_bbs)
         ext = body[_BB : hblks * _BB]
-        # sizeof(struct xlog_rec_header) is 328 on 64-bit Linux (trailing padding) and 324 on 32-bit
-        if not any(_xfs_crc_ok(hdr[:n] + ext + data[:h_len], 32) for n in (328, 324)):
-            raise _Skip("XFS log unmount record checksum mismatch")
+        data = bytearray(body[hblks * _BB :])
+        if self.sb.v5 or h_crc:
+            # sizeof(struct xlog_rec_header) is 328 on 64-bit Linux (trailing padding), 324 on 32-bit
+            if not any(_xfs_crc_ok(hdr[:n] + ext + bytes(data[:h_len]), 32) for n in (328, 324)):
+                raise _Skip(f"XFS log record at block {blk}: checksum mismatch")
+        per = _XLOG_HEADER_CYCLE_SIZE // _BB
+        for i in range(data_bbs):  # xlog_unpack_data: put back the words the cycle stamp replaced
+            j, k = divmod(i, per)
+            src = hdr if j == 0 else ext[(j - 1) * _BB : j * _BB]
+            off = 44 + 4 * k if j == 0 else 4 + 4 * k
+            if len(src) < off + 4:
+                raise _Skip(f"XFS log record at block {blk}: extended headers missing")
+            data[i * _BB : i * _BB + 4] = src[off : off + 4]
+        end = (blk + hblks + data_bbs) % self.nbb
+        return _XlogRecord(blk, h_cycle, tail_lsn, num_logops, end, bytes(data[:h_len]))
+
+    def require_only_superblock_since(self, tail_lsn: int) -> None:
+        """:class:`_Skip` unless the records from ``tail_lsn`` to the head log only the superblock."""
+        blk, cycle = tail_lsn & 0xFFFFFFFF, tail_lsn >> 32
+        if blk >= self.nbb or self.cycles[blk] != cycle:
+            raise _Skip("XFS log tail is not in the log")
+        regions_left: dict[int, int] = {}  # tid -> regions still to come of the current log item
+        seen = 0
+        while blk != self.head:
+            rec = self.record(blk)
+            for tid, clientid, flags, payload in rec.ops():
+                if flags & (_XLOG_CONTINUE_TRANS | _XLOG_WAS_CONT_TRANS):
+                    raise _Skip("XFS log has a transaction split across records (in use)")
+                if clientid == _XFS_LOG_CLIENT or not payload:
+                    continue  # unmount record, or the empty start/commit operations
+                if clientid != _XFS_TRANSACTION_CLIENT:
+                    raise _Skip("XFS log has an operation of an unknown client")
+                if regions_left.get(tid, 0):
+                    regions_left[tid] -= 1  # a data region of the item being logged
+                    continue
+                if payload[:4] == _XFS_TRANS_HEADER_MAGIC_LE:
+                    continue
+                itype, nregions = struct.unpack_from("<HH", payload.ljust(4, b"\0"))
+                if itype != _XFS_LI_BUF or len(payload) < 16 or not nregions:
+                    raise _Skip("XFS log holds metadata changes not yet written in place (needs recovery)")
+                (daddr,) = struct.unpack_from("<q", payload, 8)
+                if daddr != 0:
+                    raise _Skip("XFS log holds metadata changes not yet written in place (needs recovery)")
+                regions_left[tid] = nregions - 1
+            blk = rec.end
+            seen += 1
+            if seen > self.nbb:
+                raise _Skip("XFS log records do not lead to the head")
 
 
 # === NTFS =========================================================================================

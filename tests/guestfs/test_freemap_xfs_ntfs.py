@@ -11,8 +11,9 @@ ntfs-3g): files written, some deleted, unmounted. Then, independently of the rea
 * both: poisoning every "free" byte of a copy leaves ``xfs_repair -n`` / ``ntfsfix -n`` clean
   and every file's sha256 unchanged when the copy is mounted.
 
-Then the refusals: a copy of a mounted XFS (log not clean) and of a frozen one are all used,
-damaged AGF/bnobt blocks make their AG used, a dirty or in-use NTFS volume is all used.
+Then the log: a copy of a busy XFS (recovery would change AGFs) is all used, a frozen one (its log
+holds only superblock updates) is evaluated and survives poisoning plus kernel log recovery. Damaged
+AGF/bnobt/AGFL blocks make their AG used; a dirty or in-use NTFS volume is all used.
 """
 
 from __future__ import annotations
@@ -195,10 +196,12 @@ def _check_against_xfs_db(img: Path, tmp_path: Path) -> FreeMap:
     return fm
 
 
-def test_xfs_copied_while_mounted_or_frozen_is_all_used(tmp_path: Path) -> None:
-    """A crash-consistent copy needs log recovery; a frozen XFS also leaves records after the tail."""
+def test_xfs_copied_while_in_use_is_all_used_but_frozen_is_evaluated(tmp_path: Path) -> None:
+    """A copy of a busy XFS needs log recovery that changes AGFs: all used. A frozen XFS has
+    written everything in place and its log holds only superblock updates: evaluated, and the
+    kernel's log recovery on the poisoned copy still finds every file intact."""
     _require_root()
-    im.require("mkfs.xfs", "xfs_logprint", "fsfreeze", "mount")
+    im.require("mkfs.xfs", "xfs_logprint", "xfs_repair", "fsfreeze", "mount")
     img = im.fs_image(tmp_path / "live.img", 300 * MiB)
     im.run("mkfs.xfs", "-q", "-f", img)
     mnt = tmp_path / "mnt"
@@ -209,6 +212,7 @@ def test_xfs_copied_while_mounted_or_frozen_is_all_used(tmp_path: Path) -> None:
         shutil.copyfile(img, tmp_path / "crash.img")
         (mnt / "d0" / "file-00.bin").unlink()
         (mnt / "late.bin").write_bytes(random.Random(4).randbytes(2 * MiB))
+        frozen_sums = _sums(mnt)  # before the freeze: reading a frozen fs would wait on atime updates
         im.run("fsfreeze", "-f", mnt)
         try:
             shutil.copyfile(img, tmp_path / "frozen.img")
@@ -216,12 +220,26 @@ def test_xfs_copied_while_mounted_or_frozen_is_all_used(tmp_path: Path) -> None:
             im.run("fsfreeze", "-u", mnt)
     finally:
         im.run("umount", mnt)
-    for name in ("crash.img", "frozen.img"):
-        copy = tmp_path / name
-        assert "<DIRTY>" in im.run("xfs_logprint", "-t", copy), f"{name}: expected a log that needs recovery"
-        fm = find_free_extents(FileByteSource(copy))
-        assert fm.extents == [] and "log" in fm.volumes[0].note, (name, fm.volumes)
-    assert find_free_extents(FileByteSource(img)).free_bytes > 100 * MiB  # the same fs once unmounted
+    crash = tmp_path / "crash.img"
+    assert "<DIRTY>" in im.run("xfs_logprint", "-t", crash)
+    fm = find_free_extents(FileByteSource(crash))
+    assert fm.extents == [] and "log" in fm.volumes[0].note, fm.volumes
+
+    frozen = tmp_path / "frozen.img"
+    assert "<DIRTY>" in im.run("xfs_logprint", "-t", frozen)  # recovery would replay the covering records
+    fm = find_free_extents(FileByteSource(frozen))
+    assert fm.volumes[0].note == "" and fm.free_bytes > 100 * MiB, fm.volumes
+    unmounted = find_free_extents(FileByteSource(img))
+    assert _covered(fm.extents, unmounted.extents)
+    poisoned = im.poisoned_copy(frozen, fm.extents, tmp_path / "poisoned.img")
+    im.run("mount", "-o", "loop", poisoned, mnt)  # replays the log
+    try:
+        assert _sums(mnt) == frozen_sums
+    finally:
+        im.run("umount", mnt)
+    repair = subprocess.run(["xfs_repair", "-n", poisoned], capture_output=True, text=True, check=False)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    print(f"\nfrozen xfs: {fm.free_bytes / MiB:.1f} MiB of 300 MiB free")
 
 
 def _xfs_geometry(img: Path) -> tuple[int, int]:
