@@ -674,6 +674,7 @@ _XLOG_UNMOUNT_TRANS = 0x20
 _XLOG_VERSION_2 = 2
 _XLOG_HEADER_CYCLE_SIZE = 32 * 1024
 _XLOG_SEARCH_BACK = 4096  # basic blocks searched back from the head for the last record header
+_XLOG_EXT_HEADER_SIZE = 4 + 4 * 64  # sizeof(struct xlog_rec_ext_header): xh_cycle, xh_cycle_data[64]
 _XLOG_CONTINUE_TRANS = 0x4
 _XLOG_WAS_CONT_TRANS = 0x8
 _XLOG_MAX_RECORD = 256 * 1024 + 64 * 1024  # largest in-core log buffer plus stripe padding
@@ -1034,10 +1035,13 @@ class _XfsLog:
         body = self.bb(blk, hblks + data_bbs)
         ext = body[_BB : hblks * _BB]
         data = bytearray(body[hblks * _BB :])
-        if self.sb.v5 or h_crc:
-            # sizeof(struct xlog_rec_header) is 328 on 64-bit Linux (trailing padding), 324 on 32-bit
-            if not any(_xfs_crc_ok(hdr[:n] + ext + bytes(data[:h_len]), 32) for n in (328, 324)):
-                raise _Skip(f"XFS log record at block {blk}: checksum mismatch")
+        # xlog_cksum: the header, the extended headers the record's *length* needs, the data.
+        # mkfs writes its records with a zero CRC, which Linux accepts; its own never are zero.
+        n_ext = max(0, -(-h_len // _XLOG_HEADER_CYCLE_SIZE) - 1) if h_version & _XLOG_VERSION_2 else 0
+        summed_ext = b"".join(ext[j * _BB : j * _BB + _XLOG_EXT_HEADER_SIZE] for j in range(n_ext))
+        # sizeof(struct xlog_rec_header) is 328 on 64-bit Linux (trailing padding), 324 on 32-bit
+        if h_crc and not any(_xfs_crc_ok(hdr[:n] + summed_ext + bytes(data[:h_len]), 32) for n in (328, 324)):
+            raise _Skip(f"XFS log record at block {blk}: checksum mismatch")
         per = _XLOG_HEADER_CYCLE_SIZE // _BB
         for i in range(data_bbs):  # xlog_unpack_data: put back the words the cycle stamp replaced
             j, k = divmod(i, per)
