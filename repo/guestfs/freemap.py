@@ -27,8 +27,9 @@ What is supported (everything else is "all used"):
   nothing but superblock updates. A copy of a busy or crashed XFS is all used.
 * **NTFS** - clusters whose ``$Bitmap`` bit is clear, only when ``$Volume`` is not dirty and the
   ``$LogFile`` is provably clean (empty, or every restart area says clean); the bitmap's length
-  must fit the cluster count and the metafiles ($MFT, $MFTMirr, $LogFile, $Bitmap, $Boot) must be
-  marked used. A Windows volume that is in use, hibernated or "fast-started" is all used.
+  must fit the cluster count, and every cluster any in-use MFT record points to must be marked
+  used (the whole $MFT is read: it also catches a copy of a volume ntfs-3g had mounted, which
+  keeps no log). A Windows volume that is in use, hibernated or "fast-started" is all used.
 
 Never reported free: anything outside a recognised file system (partition gaps hold boot loaders
 such as GRUB's core.img), partition tables, LVM metadata, swap.
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repo.guestfs.filesystems import crc32c_raw
-from repo.guestfs.source import ByteSource, SourceReader
+from repo.guestfs.source import ByteSource, SourceReader, read_exact
 from repo.guestfs.volumes import Volume, find_volumes
 
 __all__ = ["FreeMap", "VolumeFreeInfo", "align_extents", "find_free_extents", "volume_free_extents"]
@@ -1100,8 +1101,7 @@ _NTFS_VOLUME_IS_DIRTY = 0x0001
 _NTFS_RESTART_VOLUME_IS_CLEAN = 0x0002
 _NTFS_LOGFILE_NO_CLIENT = 0xFFFF
 _NTFS_BLOCK = 512
-_NTFS_LOGFILE_PROBE = 64 * 1024  # restart pages sit in the first two (system) pages
-_NTFS_METAFILES = (0, 1, 2, 6, 7)  # $MFT, $MFTMirr, $LogFile, $Bitmap, $Boot: must be marked used
+_NTFS_RECORD_IN_USE = 0x0001
 
 
 def _ntfs_free(src: ByteSource) -> list[tuple[int, int]]:
@@ -1151,13 +1151,76 @@ def _ntfs_free(src: ByteSource) -> list[tuple[int, int]]:
             free.extend((base + s, n) for s, n in _zero_runs(part, nbits))
     free = _merge(free)
     starts = [s for s, _n in free]
-    for seg in _NTFS_METAFILES:
-        for lcn, count in _ntfs_stream(fs, seg, clusters).runs:
-            i = bisect.bisect_right(starts, lcn) - 1
-            j = bisect.bisect_left(starts, lcn + count)
-            if any(s < lcn + count and lcn < s + n for s, n in free[max(i, 0) : j]):
-                raise _Skip(f"$Bitmap marks clusters of metafile {seg} as free")
+    for segment, lcn, count in _ntfs_mft_runs(src, _ntfs_stream(fs, 0, clusters), fs._record_size, cs):
+        i = bisect.bisect_right(starts, lcn) - 1
+        j = bisect.bisect_left(starts, lcn + count)
+        if lcn + count > clusters or any(s < lcn + count and lcn < s + n for s, n in free[max(i, 0) : j]):
+            raise _Skip(f"$Bitmap marks clusters used by MFT record {segment} as free")
     return [(s * cs, n * cs) for s, n in free]
+
+
+def _ntfs_mft_runs(
+    src: ByteSource, mft: _NtfsStream, record_size: int, cs: int
+) -> Iterator[tuple[int, int, int]]:
+    """``(record, lcn, count)`` of every non-resident attribute extent of every in-use MFT record.
+
+    The $Bitmap is trusted only if it marks all of these used - the check chkdsk does. It
+    catches what no flag shows: a volume copied while ntfs-3g (which keeps no log) had it
+    mounted, with a file's clusters recorded in its MFT record before the bitmap was written.
+    Every attribute extent lives in some MFT record, so no attribute list needs resolving.
+    """
+    if record_size < _NTFS_BLOCK or record_size & (record_size - 1) or not mft.runs:
+        raise _Skip("implausible MFT record size")
+    segment = 0
+    total = mft.size // record_size
+    for lcn, count in mft.runs:
+        for off in range(0, count * cs, 1 << 20):
+            raw = read_exact(src, lcn * cs + off, min(1 << 20, count * cs - off))
+            for pos in range(0, len(raw) - record_size + 1, record_size):
+                if segment >= total:
+                    return
+                rec = raw[pos : pos + record_size]
+                if rec[:4] == b"FILE" and int.from_bytes(rec[22:24], "little") & _NTFS_RECORD_IN_USE:
+                    for run in _ntfs_record_runs(_ntfs_fixup(rec, "MFT record")):
+                        yield (segment, *run)
+                elif rec[:4] == b"BAAD":
+                    raise _Skip(f"MFT record {segment} is marked bad")
+                segment += 1
+
+
+def _ntfs_record_runs(rec: bytes) -> Iterator[tuple[int, int]]:
+    pos = int.from_bytes(rec[20:22], "little")
+    while pos + 8 <= len(rec):
+        atype, length = struct.unpack_from("<II", rec, pos)
+        if atype == 0xFFFFFFFF:
+            return
+        if length < 16 or pos + length > len(rec):
+            raise _Skip("MFT record with a malformed attribute")
+        if rec[pos + 8]:  # non-resident
+            mp = pos + int.from_bytes(rec[pos + 0x20 : pos + 0x22], "little")
+            yield from _ntfs_mapping_pairs(rec[mp : pos + length])
+        pos += length
+    raise _Skip("MFT record without an attribute end marker")
+
+
+def _ntfs_mapping_pairs(data: bytes) -> Iterator[tuple[int, int]]:
+    """Decode an NTFS run list into ``(lcn, count)``; sparse runs are left out."""
+    pos, lcn = 0, 0
+    while pos < len(data) and data[pos]:
+        len_size, off_size = data[pos] & 0xF, data[pos] >> 4
+        if not 0 < len_size <= 8 or off_size > 8 or pos + 1 + len_size + off_size > len(data):
+            raise _Skip("malformed NTFS run list")
+        count = int.from_bytes(data[pos + 1 : pos + 1 + len_size], "little", signed=True)
+        if count <= 0:
+            raise _Skip("malformed NTFS run list")
+        if off_size:
+            lcn += int.from_bytes(
+                data[pos + 1 + len_size : pos + 1 + len_size + off_size], "little", signed=True
+            )
+            if lcn < 0:
+                raise _Skip("malformed NTFS run list")
+            yield lcn, count
+        pos += 1 + len_size + off_size
 
 
 @dataclass
@@ -1214,10 +1277,9 @@ def _ntfs_logfile_must_be_clean(logfile: _NtfsStream) -> None:
     with records but no restart page, and a restart area with clients in use but without the
     ``RESTART_VOLUME_IS_CLEAN`` flag all mean "not provably clean".
     """
-    limit = min(logfile.size, _NTFS_LOGFILE_PROBE)
     empty, restarts = True, 0
     pos = 0
-    while pos < limit:
+    while pos < logfile.size:
         block = logfile.read(pos, _NTFS_BLOCK)
         magic = block[:4]
         if block != b"\xff" * _NTFS_BLOCK:
@@ -1242,18 +1304,18 @@ def _ntfs_logfile_must_be_clean(logfile: _NtfsStream) -> None:
         raise _Skip("$LogFile has records but no readable restart page")
 
 
-def _ntfs_fixup(page: bytes) -> bytes:
+def _ntfs_fixup(page: bytes, what: str = "$LogFile restart page") -> bytes:
     """Apply and verify an NTFS update sequence array (torn multi-sector writes fail here)."""
     usa_ofs = int.from_bytes(page[4:6], "little")
     usa_count = int.from_bytes(page[6:8], "little")
     if usa_count - 1 != len(page) // _NTFS_BLOCK or usa_ofs + 2 * usa_count > _NTFS_BLOCK:
-        raise _Skip("$LogFile restart page has a bad update sequence array")
+        raise _Skip(f"{what} has a bad update sequence array")
     out = bytearray(page)
     usn = page[usa_ofs : usa_ofs + 2]
     for i in range(1, usa_count):
         end = i * _NTFS_BLOCK
         if out[end - 2 : end] != usn:
-            raise _Skip("$LogFile restart page is torn (update sequence mismatch)")
+            raise _Skip(f"{what} is torn (update sequence mismatch)")
         out[end - 2 : end] = page[usa_ofs + 2 * i : usa_ofs + 2 * i + 2]
     return bytes(out)
 

@@ -430,6 +430,7 @@ def _restart_page(in_use: int, flags: int) -> bytes:
         ("logfile-torn-restart", True),
         ("logfile-clean-restart", False),
         ("mft-marked-free", True),
+        ("file-cluster-marked-free", True),
     ],
 )
 def test_ntfs_unclean_or_inconsistent_volume_is_all_used(
@@ -459,18 +460,25 @@ def test_ntfs_unclean_or_inconsistent_volume_is_all_used(
         elif damage == "logfile-clean-restart":
             f.seek(log_off)
             f.write(_restart_page(in_use=0, flags=2) + _restart_page(in_use=0xFFFF, flags=0))
-        else:
+        else:  # as if the bitmap had not been written yet (ntfs-3g keeps no log to tell)
             (bitmap_lcn, _n), *_ = _ntfs_runs(img, 6)
-            (mft_lcn, _n), *_ = _ntfs_runs(img, 0)
-            f.seek(bitmap_lcn * CLUSTER + mft_lcn // 8)
-            f.write(b"\x00")
+            if damage == "mft-marked-free":
+                (cluster, _n), *_ = _ntfs_runs(img, 0)
+            else:
+                name, data = max(ntfs.live.items(), key=lambda kv: len(kv[1]))
+                cluster = _file_clusters(data, _clusters_by_content(img))[-1]
+            f.seek(bitmap_lcn * CLUSTER + cluster // 8)
+            byte = f.read(1)[0]
+            f.seek(bitmap_lcn * CLUSTER + cluster // 8)
+            f.write(bytes([byte & ~(1 << (cluster % 8))]))
     fm = find_free_extents(FileByteSource(img))
     expected = {
         "volume-dirty": "marked dirty",
         "logfile-in-use": "$LogFile is not clean",
         "logfile-records-only": "no readable restart page",
         "logfile-torn-restart": "torn",
-        "mft-marked-free": "metafile 0",
+        "mft-marked-free": "MFT record 0",
+        "file-cluster-marked-free": "used by MFT record",
     }
     if used:
         assert fm.extents == [] and expected[damage] in fm.volumes[0].note, fm.volumes
