@@ -403,7 +403,11 @@ class BlobWriter:
         # this many in flight, while packing goes on; the index still only learns of a pack once it is durable.
         self._up_max = int(getattr(repo.storage, "background_uploads", 0))
         self._up_pool: ThreadPoolExecutor | None = None
-        self._uploads: deque[tuple[Future[list[tuple[bytes, BlobLoc]]], PackWriter]] = deque()
+        self._commit_pool: ThreadPoolExecutor | None = None
+        self._commit_failed = False
+        # (index commit, upload, pack) per pack in flight, oldest first
+        self._uploads: deque[tuple[Future[list[tuple[bytes, BlobLoc]]], Future[list[tuple[bytes, BlobLoc]]],
+                                   PackWriter]] = deque()
 
     def add(self, kind: int, data: bytes | memoryview, blob_id: bytes | None = None) -> bytes:
         if blob_id is None:
@@ -479,20 +483,32 @@ class BlobWriter:
             self._pending.difference_update(bid for bid, _ in entries)
             return
         self._wait_uploads_locked(self._up_max - 1)
-        if self._up_pool is None:
-            self._up_pool = ThreadPoolExecutor(1, thread_name_prefix="ihb-pack-upload")  # one: packs land in order
-        self._uploads.append((self._up_pool.submit(self._finish_pack, pack, rows), pack))
+        if self._up_pool is None or self._commit_pool is None:
+            # Packs upload side by side (one at a time left the object store idle between packs), but
+            # the index learns of them in order, on one thread: a pack's files-cache rows may name
+            # chunks of earlier packs, which must be durable and indexed first.
+            self._up_pool = ThreadPoolExecutor(self._up_max, thread_name_prefix="ihb-pack-upload")
+            self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ihb-pack-commit")
+        up = self._up_pool.submit(pack.finish)  # seal, fsync, upload: durable from here on
+        self._uploads.append((self._commit_pool.submit(self._commit_pack, up, pack, rows), up, pack))
 
-    def _finish_pack(self, pack: PackWriter, rows: list[tuple[bytes, bytes]]) -> list[tuple[bytes, BlobLoc]]:
-        entries = pack.finish()  # seal, fsync, upload: durable from here on
-        self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
-        return entries
+    def _commit_pack(self, up: Future[list[tuple[bytes, BlobLoc]]], pack: PackWriter,
+                     rows: list[tuple[bytes, bytes]]) -> list[tuple[bytes, BlobLoc]]:
+        try:
+            entries = up.result()
+            if self._commit_failed:  # an earlier pack is missing: later rows could point into it
+                raise IntegrityError("an earlier pack of this backup failed to upload; not indexing later ones")
+            self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
+            return entries
+        except BaseException:
+            self._commit_failed = True
+            raise
 
     def _wait_uploads_locked(self, keep: int) -> None:
         """Wait until at most ``keep`` uploads are in flight; re-raises an upload's error."""
         while len(self._uploads) > keep:
-            fut, _pack = self._uploads.popleft()
-            self._pending.difference_update(bid for bid, _ in fut.result())
+            commit, _up, _pack = self._uploads.popleft()
+            self._pending.difference_update(bid for bid, _ in commit.result())
 
     def flush(self) -> None:
         """Make every blob added so far durable and indexed."""
@@ -505,11 +521,12 @@ class BlobWriter:
             if self._pack is not None:
                 self._pack.abort()
                 self._pack = None
+            self._commit_failed = True  # nothing more reaches the index
             while self._uploads:
-                fut, pack = self._uploads.popleft()
-                if fut.cancel():
+                commit, up, pack = self._uploads.popleft()
+                if up.cancel():
                     pack.abort()  # never started: remove its spool file
-                else:
+                for fut in (up, commit):
                     try:
                         fut.result()
                     except Exception as e:  # noqa: BLE001 - aborting already; the first error was reported

@@ -339,9 +339,10 @@ def _ram_spool() -> str | None:
 class S3Storage:
     """The ``Storage`` protocol over one bucket and prefix. Thread-safe (a boto3 client is)."""
 
-    # BlobWriter uploads packs on a background thread, this many in flight, while packing goes on (a
-    # synchronous 32 MiB upload stalled every worker: backup ran at 40% of local speed, 75% with this).
-    background_uploads = 2
+    # BlobWriter uploads this many packs side by side while packing goes on (a synchronous 32 MiB upload
+    # stalled every worker). 1 GiB to Ceph RGW on this machine: 9.6 s with one upload at a time, 8.2 s
+    # with 2, 7.3 s with 4. Costs up to (4 + 1) x 32 MiB of spool (RAM) per writer.
+    background_uploads = 4
 
     def __init__(self, settings: S3Settings, spool_root: str) -> None:
         self.settings = settings
