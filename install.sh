@@ -27,6 +27,9 @@ if [ "$DEV" = 1 ]; then
 else
   .venv/bin/pip install -q -e .
 fi
+# Byte-compile the (editable) sources now: where PYTHONDONTWRITEBYTECODE is set, every ihb process
+# would otherwise compile them again (measured: 0.24 -> 0.19 CPU-s per agent run). Stale files are ignored.
+.venv/bin/python -m compileall -q repo fusefs appliance >/dev/null
 if [ "$DEV" = 1 ]; then
   bash tests/s3/install_stores.sh   # Ceph RGW (Debian) and SeaweedFS (PyPI) for the object-store tests
 fi
