@@ -15,6 +15,7 @@ from repo.tree import TYPE_DIR, TreeReader, root_node
 
 from . import cli
 from .common import Ctx, common_options, human_bytes
+from .ticket import gate, ticket_option
 
 
 @cli.command()
@@ -86,17 +87,23 @@ def ls(ctx: Ctx, snapshot: str, path: str, recursive: bool) -> None:
 @common_options
 @click.argument("snapshot")
 @click.argument("path")
-def cat(ctx: Ctx, snapshot: str, path: str) -> None:
-    """Write the content of file PATH in SNAPSHOT to standard output."""
+@ticket_option
+def cat(ctx: Ctx, snapshot: str, path: str, ticket: str | None) -> None:
+    """Write the content of file PATH in SNAPSHOT to standard output.
+
+    A restore like any other: where the tenant requires authorized restores it needs a ticket for
+    kind `files`, this path and target `-` (exit 71 without one)."""
     with ctx.open_repo() as repo:
         snap = repo.get_snapshot(snapshot)
-        node = TreeReader(repo).resolve(root_node(snap.tree), path)
-        if node.get("t") != "f":
-            raise InvalidArgument(f"{path} is not a regular file in restore point {snap.short_id}")
-        out = sys.stdout.buffer
-        for data, ln in iter_content(repo, node.get("c", [])):
-            out.write(data if data is not None else bytes(ln))
-        out.flush()
+        with gate(ctx, snap, kind="files", paths=[path], target="-", ticket=ticket) as auth:
+            node = TreeReader(repo).resolve(root_node(snap.tree), path)
+            if node.get("t") != "f":
+                raise InvalidArgument(f"{path} is not a regular file in restore point {snap.short_id}")
+            out = sys.stdout.buffer
+            for data, ln in iter_content(repo, node.get("c", [])):
+                out.write(data if data is not None else bytes(ln))
+            out.flush()
+            auth.done("ok", {"files": 1})
 
 
 @cli.command()

@@ -108,6 +108,8 @@ def test_two_approvals_then_a_scoped_single_use_ticket_restores(env: Env) -> Non
     err = env.refused(TICKET_REFUSED, "restore", snap, str(out), "--include", etc)
     assert "ihb restore-request create" in err and "acme" in err
     assert not out.exists()
+    # nor does `ihb cat` of one file (a restore to standard output)
+    assert "ihb restore-request create" in env.refused(TICKET_REFUSED, "cat", snap, f"{etc}/hosts")
 
     req = env.request(snap[:12], "--kind", "files", "--path", etc, "--target", str(out), "--reason", "lost /etc")
     rid = req["id"]
