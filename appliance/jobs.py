@@ -228,12 +228,14 @@ class JobSpec:
 
     def command(self) -> list[str]:
         """The `ihb` arguments that run this job."""
+        tenant = ["--tenant", self.tenant] if self.tenant else []  # the restore point records its owner
         if self.kind == "files":
-            return ["backup", *self.paths, "--host", self.host or self.name, *self.args]
+            return ["backup", *self.paths, "--host", self.host or self.name, *tenant, *self.args]
         if self.kind == "image":
-            return ["backup-image", "--vm", self.host, "--disk", self.disk, self.source, *self.args]
+            return ["backup-image", "--vm", self.host, "--disk", self.disk, *tenant, self.source, *self.args]
         if self.kind == "vm":
-            return ["vm", "backup", "--qmp", self.source, *(["--vm", self.host] if self.host else []), *self.args]
+            return ["vm", "backup", "--qmp", self.source, *(["--vm", self.host] if self.host else []), *tenant,
+                    *self.args]
         raise InvalidArgument(f"job {self.name} ({self.kind}) is run by its agent, not by the appliance")
 
 

@@ -14,7 +14,7 @@ from repo.errors import RepositoryNotFound
 from repo.repository import Repository
 
 from . import cli
-from .common import Ctx, Progress, common_options, default_host, human_bytes
+from .common import Ctx, Progress, common_options, default_host, human_bytes, tenant_option
 
 
 def ensure_default_repo(ctx: Ctx) -> None:
@@ -46,8 +46,9 @@ def ensure_default_repo(ctx: Ctx) -> None:
 @click.option("--exclude", "excludes", multiple=True, help="Skip paths or names matching this glob (repeatable).")
 @click.option("--one-file-system", "-x", is_flag=True, help="Do not cross filesystem boundaries.")
 @click.option("--no-files-cache", is_flag=True, help="Read every file even if unchanged.")
+@tenant_option
 def backup(ctx: Ctx, paths: tuple[str, ...], host: str | None, tags: tuple[str, ...], excludes: tuple[str, ...],
-           one_file_system: bool, no_files_cache: bool) -> None:
+           one_file_system: bool, no_files_cache: bool, tenant: str | None) -> None:
     """Back up PATHS into a new restore point.
 
     Exit code 0: done; 1: done, but some files could not be read (they are listed and recorded).
@@ -62,6 +63,7 @@ def backup(ctx: Ctx, paths: tuple[str, ...], host: str | None, tags: tuple[str, 
         excludes=list(excludes),
         one_file_system=one_file_system,
         use_files_cache=not no_files_cache,
+        meta={"tenant": tenant} if tenant else {},
     )
     progress = Progress(enabled=None if not ctx.json else False)
     with recorded_job("files", opts.host, tenant=str(opts.meta.get("tenant", "")), cfg=ctx.cfg) as job, \

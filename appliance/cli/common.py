@@ -6,6 +6,7 @@ import functools
 import getpass
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -72,6 +73,22 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, bytes):
         return o.decode("utf-8", "surrogateescape")
     raise TypeError(type(o))
+
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as tokens name tenants (server/state.py)
+
+
+def _tenant(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not TENANT_NAME.match(value):
+        raise InvalidArgument(f"--tenant {value!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    return value
+
+
+def tenant_option(fn: F) -> F:
+    """``--tenant``: the tenant that owns the restore point, recorded in it (``meta.tenant``, as agent
+    backups record theirs), so its dashboard, catalog, retention rules and restore policy apply."""
+    return click.option("--tenant", default=None, callback=_tenant,
+                        help="Tenant that owns this restore point (recorded in it).")(fn)
 
 
 def common_options(fn: F) -> F:

@@ -14,7 +14,7 @@ from repo.snapshot import Snapshot
 from repo.workers import Pipeline
 
 from . import cli
-from .common import Ctx, Progress, common_options, default_host, human_bytes
+from .common import Ctx, Progress, common_options, default_host, human_bytes, tenant_option
 
 
 @cli.command("backup-image")
@@ -23,7 +23,8 @@ from .common import Ctx, Progress, common_options, default_host, human_bytes
 @click.option("--disk", "disk_name", required=True, help="Disk name (e.g. vda).")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tag", "tags", multiple=True, help="Tag the restore point (repeatable).")
-def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str, ...]) -> None:
+@tenant_option
+def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str, ...], tenant: str | None) -> None:
     """Back up SOURCE (raw image, block device or qcow2) as disk DISK of VM.
 
     Holes, zero blocks and unallocated qcow2 clusters are recorded as holes: not read, not stored.
@@ -32,7 +33,7 @@ def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str
     start = time.time_ns()
     src = open_source(source)
     try:
-        with recorded_job("image", vm, cfg=ctx.cfg) as job, ctx.open_repo() as repo:
+        with recorded_job("image", vm, tenant=tenant or "", cfg=ctx.cfg) as job, ctx.open_repo() as repo:
             writer = repo.writer()
             with Pipeline() as pipe:
                 try:
@@ -47,7 +48,7 @@ def backup_image(ctx: Ctx, vm: str, disk_name: str, source: str, tags: tuple[str
                 id="", kind="image", host=default_host(), time_ns=start, tags=list(tags), disks=[rec],
                 stats={**writer.stats, "bytes": rec.size, "read_bytes": rec.stats["read_bytes"],
                        "duration": round((time.time_ns() - start) / 1e9, 3)},
-                meta={"vm": vm, "consistency": "offline", "source": source},
+                meta={"vm": vm, "consistency": "offline", "source": source, **({"tenant": tenant} if tenant else {})},
                 parent=prev[-1].id if prev else None,
             ))
             job.finish_snapshot(snap)

@@ -20,7 +20,7 @@ from appliance.hypervisor.vmbackup import (
 from repo.errors import InvalidArgument
 
 from . import cli
-from .common import Ctx, Progress, common_options, human_bytes
+from .common import Ctx, Progress, common_options, human_bytes, tenant_option
 
 #: Exit status of `vm backup --all` when at least one VM failed (the others' restore points stand).
 EXIT_SOME_FAILED = VMBackupError.exit_code
@@ -83,10 +83,11 @@ def _human_result(r: dict[str, Any]) -> str:
 @click.option("--scratch-dir", type=click.Path(file_okay=False),
               help="Where fleece overlays grow while the backup runs (QEMU must be able to write there).")
 @click.option("--tag", "tags", multiple=True, help="Tag the restore point (repeatable).")
+@tenant_option
 def vm_backup(ctx: Ctx, qmp_path: str | None, vm_name: str | None, all_vms: bool, qmp_dir: str | None,
               parallel: int, full: bool, agent_socket: str | None, no_agent: bool, agent_timeout: float,
               no_trim: bool, no_skip_free: bool, app_consistent: bool, disks: tuple[str, ...],
-              scratch_dir: str | None, tags: tuple[str, ...]) -> None:
+              scratch_dir: str | None, tags: tuple[str, ...], tenant: str | None) -> None:
     """Back up a running VM (all its disks at one point in time) through its QMP socket.
 
     The guest agent, when it answers, trims and freezes the guest file systems around one QMP
@@ -95,7 +96,7 @@ def vm_backup(ctx: Ctx, qmp_path: str | None, vm_name: str | None, all_vms: bool
     """
     opts = VMBackupOptions(full=full, agent_socket=agent_socket, use_agent=not no_agent, agent_timeout=agent_timeout,
                            trim=not no_trim, skip_free=not no_skip_free, disks=disks, scratch_dir=scratch_dir,
-                           tags=tags, app_consistent=app_consistent)
+                           tags=tags, app_consistent=app_consistent, tenant=tenant or "")
     cancel = threading.Event()
     if all_vms:
         if qmp_path or vm_name or agent_socket or disks:

@@ -699,6 +699,7 @@ class VMBackupOptions:
     tags: Sequence[str] = ()
     qmp_timeout: float = 60.0
     app_consistent: bool = False
+    tenant: str = ""  # recorded in the restore point (meta.tenant) when set
 
 
 @dataclass
@@ -1052,6 +1053,8 @@ def _backup_locked(repo: Repository, qv: QemuVM, qmp_path: str, vm: str, opts: V
                 "started_ns": start_ns, "point_in_time_ns": point_ns, "quiesce": quiesce.info, "cbt": cbt, "qemu": machine,
                 "mode": "incremental" if all(p.mode == "incremental" for p in plans.values()) else
                         ("full" if all(p.mode == "full" for p in plans.values()) else "mixed")}
+        if opts.tenant:
+            meta["tenant"] = opts.tenant
         committed = repo.store_snapshot(Snapshot(
             id="", kind="image", host=socket.gethostname(), time_ns=point_ns, tags=list(opts.tags), disks=records,
             stats=snap_stats, meta=meta, parent=parent))

@@ -272,3 +272,24 @@ def test_orphaned_records_are_closed_and_the_job_runs_again(tmp_path: Path, monk
     assert errors == ["the backup process ended without recording a result (killed?)",
                       "the scheduler stopped before starting this run"]
     assert [r.status for r in res.finished] == ["ok"]  # the 10:00 firing ran after all
+
+
+def test_jobs_record_their_tenant_in_the_restore_point(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """A job the appliance runs for a tenant leaves a restore point that names the tenant, as agent
+    backups do: the tenant's dashboard, catalog, retention rules and restore policy then apply to it."""
+    spec = J.JobSpec.from_obj({"name": "web", "kind": "files", "tenant": "acme", "host": "web1", "paths": ["/srv"]})
+    assert spec.command()[:5] == ["backup", "/srv", "--host", "web1", "--tenant"] and "acme" in spec.command()
+    vm = J.JobSpec.from_obj({"name": "db", "kind": "vm", "tenant": "acme", "qmp": "/run/db.qmp", "vm": "db"})
+    assert vm.command()[-2:] == ["--tenant", "acme"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "nginx.conf").write_text("worker_processes 2;\n")
+    env = {**cli_env, "IHB_CONFIG_DIR": str(tmp_path / "etc"), "IHB_DATA_DIR": str(tmp_path / "data")}
+    ihb("backup", str(src), "--host", "web1", "--tenant", "acme", env=env)
+    snaps = json.loads(ihb("snapshots", "--json", env=env).stdout)
+    assert [s.get("tenant") for s in snaps] == ["acme"], snaps
+    found = json.loads(ihb("find", "nginx.conf", "--tenant", "acme", "--json", env=env).stdout)["matches"]
+    assert [m["host"] for m in found] == ["web1"]
+    assert json.loads(ihb("find", "nginx.conf", "--tenant", "globex", "--json", env=env).stdout)["matches"] == []
+    bad = ihb("backup", str(src), "--tenant", "../x", env=env, check=False)
+    assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1 and b"--tenant" in bad.stderr
