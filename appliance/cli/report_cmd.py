@@ -29,6 +29,14 @@ COLUMNS = ("job", "tenant", "host", "status", "start", "duration_s", "bytes_read
            "queue_reason", "snapshot", "error")
 
 
+def _csv_cell(v: Any) -> Any:
+    """Spreadsheets run cells that start with = + - @ as formulas, and warnings carry file names an agent
+    chose: such text gets a leading apostrophe (numbers stay numbers)."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
 def _row(r: J.JobRecord) -> dict[str, Any]:
     return {"job": r.job, "tenant": r.tenant, "host": r.host, "status": r.status, "start": iso(r.start_ns or r.queued_ns),
             "duration_s": round(r.duration, 1) if r.duration is not None else None, "bytes_read": r.bytes_read,
@@ -64,7 +72,7 @@ def report(ctx: Ctx, tenant: str | None, since: str | None, job: str | None, fmt
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _csv_cell(v) for k, v in r.items()} for r in rows)
         click.echo(buf.getvalue(), nl=False)
     elif fmt == "html":
         click.echo(render_html(rows, tenant, since, render_html_section(collect_sla(ctx, tenant))))

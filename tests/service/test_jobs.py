@@ -293,3 +293,10 @@ def test_jobs_record_their_tenant_in_the_restore_point(tmp_path: Path, cli_env: 
     assert json.loads(ihb("find", "nginx.conf", "--tenant", "globex", "--json", env=env).stdout)["matches"] == []
     bad = ihb("backup", str(src), "--tenant", "../x", env=env, check=False)
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1 and b"--tenant" in bad.stderr
+
+
+def test_csv_report_cells_never_start_a_formula() -> None:
+    from appliance.cli.report_cmd import _csv_cell
+
+    assert [_csv_cell(v) for v in ("=HYPERLINK(\"x\")", "+1", "-2", "@SUM(A1)", "web1", 3, -4, None)] == \
+        ["'=HYPERLINK(\"x\")", "'+1", "'-2", "'@SUM(A1)", "web1", 3, -4, None]
