@@ -299,7 +299,10 @@ class RestoreRequestStore:
 
     # --- the workflow -----------------------------------------------------------------------------------
     def create(self, *, tenant: str, host: str, snapshot: str, kind: str, paths: builtins.list[str], target: str,
-               requested_by: str, reason: str = "", target_host: str = "") -> RestoreRequest:
+               requested_by: str, reason: str = "", target_host: str = "",
+               may_auto_approve: bool = True) -> RestoreRequest:
+        """``may_auto_approve``: whether ``target_host`` is vouched for by who asks (the API passes True
+        only for the agent token of the restore point's own host; a client-supplied host is never enough)."""
         if kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         if not _SNAP_RE.match(snapshot or ""):
@@ -317,7 +320,8 @@ class RestoreRequestStore:
             requested_by=requested_by, reason=reason, created_ns=now, expires_ns=now + int(pol.request_ttl * 1e9),
             required_approvals=pol.approvals, target_host=target_host,
             history=[{"by": requested_by, "event": "requested", "time_ns": now}])
-        auto = pol.auto_approve_same_host_files and kind == "files" and bool(target_host) and target_host == host
+        auto = (may_auto_approve and pol.auto_approve_same_host_files and kind == "files" and bool(target_host)
+                and target_host == host)
         with self._edit() as reqs:
             reqs[req.id] = req
             self.audit.append(requested_by, "restore-request", req.scope(), {
@@ -380,7 +384,7 @@ class RestoreRequestStore:
             req = self._find(reqs, rid)
             self._expire(req, now)
             pol = self.policy(req.tenant)
-            if req.state not in ("pending", "approved"):
+            if req.state not in ("pending", "approved") and not _api_live(req, now):
                 raise self._refuse(req, by, req.state, f"restore request {req.id} is {req.state}; nothing to deny")
             own = norm_name(by) == norm_name(req.requested_by)
             if not own and not pol.may_authorize(by):
@@ -454,9 +458,62 @@ class RestoreRequestStore:
                 "request": req.id, "kind": kinds[0], "paths": wanted, "target": target})
         return req
 
+    def check_read_ticket(self, secret: str, *, tenant: str, host: str | None, snapshot: str | None,
+                          by: str) -> RestoreRequest:
+        """Over the API (docs/protocol.md §5.5): may ``secret`` read data of ``tenant`` (of ``host``; None:
+        any of the tenant's hosts) and, when given, of restore point ``snapshot``? Only a ``files`` ticket
+        does. It is not spent per request (a restore over the API is many requests): it stays usable over
+        the API until it expires, but no longer on the appliance. The first use is recorded and audited
+        (``restore-execute``, via api); refusals are audited (``restore-ticket-refused``)."""
+        digest = ticket_hash(secret or "")
+        now = time.time_ns()
+        scope = f"{tenant or '-'}/{host or '*'}@{(snapshot or '*')[:12]}"
+        with self._edit() as reqs:
+            req = next((r for r in reqs.values() if r.ticket is not None
+                        and hmac.compare_digest(r.ticket["hash"], digest)), None)
+            if req is None:
+                self.audit.append(by, "restore-ticket-refused", scope, {"why": "unknown ticket", "via": "api"})
+                raise TicketRefused("the restore ticket in X-Ihb-Ticket is not known to this appliance; ask for "
+                                    "one with `ihb restore-request create` or POST /api/v1/restore-requests")
+            self._expire(req, now)
+            t = req.ticket
+            assert t is not None
+            why = ""
+            if req.state in ("expired", "denied"):
+                why = req.state
+            elif now > t["expires_ns"]:
+                why = "expired"
+            elif req.state == "executed" and any(e.get("via") != "api" for e in req.executions):
+                why = "already used on the appliance"
+            elif t["kind"] != "files":
+                why = f"for a {t['kind']} restore, not a files restore over the API"
+            elif req.tenant != tenant or (host is not None and req.host != host):
+                why = f"for {req.tenant or '-'}/{req.host}, not {tenant or '-'}/{host or '*'}"
+            elif snapshot is not None and not snapshot.startswith(t["snapshot"]):
+                why = f"for restore point {t['snapshot'][:12]}, not {snapshot[:12]}"
+            if why:
+                self.audit.append(by, "restore-ticket-refused", req.scope(), {
+                    "request": req.id, "why": why, "via": "api", "snapshot": snapshot or ""})
+                raise TicketRefused(f"the restore ticket of request {req.id} is {why}; ask for a new one with "
+                                    "`ihb restore-request create`")
+            if req.state == "approved":
+                req.state, req.unclaimed_secret = "executed", ""
+                req.executions.append({"by": by, "time_ns": now, "kind": "files", "paths": t["paths"],
+                                       "target": t["target"], "via": "api"})
+                req.history.append({"by": by, "event": "executed", "time_ns": now})
+                self.audit.append(by, "restore-execute", req.scope(), {
+                    "request": req.id, "kind": "files", "paths": t["paths"], "target": t["target"], "via": "api"})
+        return req
+
     def record_result(self, req: RestoreRequest, by: str, result: str, details: dict[str, Any] | None = None) -> None:
         """Audit how the restore that used the ticket ended (``ok``, ``failed: ...``)."""
         self.audit.append(by, "restore-done", req.scope(), {"request": req.id, "result": result, **(details or {})})
+
+
+def _api_live(req: RestoreRequest, now: int) -> bool:
+    """A files ticket in use over the API (executed there only) that has not expired: still revocable."""
+    return (req.state == "executed" and req.ticket is not None and now <= req.ticket["expires_ns"]
+            and bool(req.executions) and all(e.get("via") == "api" for e in req.executions))
 
 
 @dataclass

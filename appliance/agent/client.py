@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from appliance.server.tls import fingerprint_der, normalize_fingerprint
-from repo.errors import InvalidArgument
+from repo.errors import InvalidArgument, TicketRefused
 
 from .errors import AuthFailed, CertificateMismatch, ServerRejected, ServerUnreachable
 
@@ -115,6 +115,7 @@ class Client:
         self._outage_since: float | None = None
         self._olock = threading.Lock()
         self.bytes_sent = 0
+        self.headers: dict[str, str] = {}  # sent with every request (X-Ihb-Ticket for a restore)
 
     # --- connections -----------------------------------------------------------------------------------
     def _conn(self) -> _PinnedConnection:
@@ -143,7 +144,7 @@ class Client:
     # --- requests --------------------------------------------------------------------------------------
     def _once(self, method: str, path: str, body: bytes | None, ctype: str | None) -> tuple[int, bytes, str]:
         conn = self._conn()
-        headers = {"Authorization": f"Bearer {self.token}", "User-Agent": "ihb-agent/1"}
+        headers = {**self.headers, "Authorization": f"Bearer {self.token}", "User-Agent": "ihb-agent/1"}
         if body is not None:
             headers["Content-Type"] = ctype or "application/octet-stream"
             headers["Content-Length"] = str(len(body))
@@ -221,6 +222,8 @@ class Client:
                 pass
         if status == 401:
             return AuthFailed(f"the appliance refused the token: {msg}")
+        if status == 403 and extra.get("code") in ("ticket_required", "ticket_refused"):
+            return TicketRefused(msg)  # the tenant requires authorized restores (docs/restore.md)
         if status == 403:
             return AuthFailed(f"this token may not do that: {msg}")
         e = ServerRejected(f"the appliance answered {status} to {method} {path.split('?')[0]}: {msg}")

@@ -2,6 +2,8 @@
 
 ``RemoteBlobs`` is the one method restore and tree reading need from a repository (``get_blob``);
 the appliance checks on every request that the blob belongs to one of the caller's restore points.
+When the tenant's policy requires authorized restores, the approved files ticket goes with every
+request (X-Ihb-Ticket); without it the appliance refuses and TicketRefused (exit 71) says why.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from repo.snapshot import Snapshot
 
 from .client import API, Client
 
+TICKET_HEADER = "X-Ihb-Ticket"
 _KIND = {fmt.BlobKind.DATA: "data", fmt.BlobKind.TREE: "tree"}
 
 
@@ -60,9 +63,11 @@ def fetch_snapshot(client: Client, sid: str) -> Snapshot:
 
 
 def restore(client: Client, ref: str, target: str, options: RestoreOptions,
-            progress: Callable[[dict[str, Any], str], None] | None = None
+            progress: Callable[[dict[str, Any], str], None] | None = None, ticket: str | None = None
             ) -> tuple[Snapshot, dict[str, Any], list[dict[str, str]]]:
     summary = resolve(client, ref)
+    if ticket:
+        client.headers[TICKET_HEADER] = ticket.strip()
     snap = fetch_snapshot(client, summary["id"])
     stats, errors = restore_snapshot(RemoteBlobs(client), snap, target, options, progress)  # type: ignore[arg-type]
     return snap, stats, errors

@@ -187,11 +187,15 @@ def agent_snapshots(conn: _Conn) -> None:
 @click.option("--include", "includes", multiple=True, help="Restore only this path (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in TARGET.")
 @click.option("--numeric-owner", is_flag=True, help="Use recorded uid/gid, not user/group names.")
+@click.option("--ticket", default=None, envvar="IHB_RESTORE_TICKET", metavar="SECRET",
+              help="Approved files ticket (`ihb restore-request`), needed when the tenant requires authorized "
+                   "restores (or $IHB_RESTORE_TICKET).")
 def agent_restore(conn: _Conn, snapshot: str, target: str, includes: tuple[str, ...], overwrite: bool,
-                  numeric_owner: bool) -> None:
+                  numeric_owner: bool, ticket: str | None) -> None:
     """Restore SNAPSHOT (id prefix or `latest`) of this host from the appliance into TARGET.
 
-    Exit 0: all restored; 90: some files could not be restored (listed).
+    Exit 0: all restored; 90: some files could not be restored (listed); 71: the tenant requires an
+    authorized restore and no valid ticket was given.
     """
     from appliance.agent.restore import restore as remote_restore
     from repo.restore import RestoreOptions
@@ -201,7 +205,8 @@ def agent_restore(conn: _Conn, snapshot: str, target: str, includes: tuple[str, 
     try:
         snap, stats, errors = remote_restore(
             client, snapshot, target,
-            RestoreOptions(overwrite=overwrite, includes=list(includes), numeric_owner=numeric_owner), progress)
+            RestoreOptions(overwrite=overwrite, includes=list(includes), numeric_owner=numeric_owner), progress,
+            ticket=ticket)
     finally:
         progress.done()
         client.close()

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from repo.errors import ChunkMissing, IntegrityError
+from appliance.restore_requests import RestoreRequestStore, policy_for, snapshot_tenant, ticket_hash
+from repo.errors import ChunkMissing, IntegrityError, TicketRefused
 from repo.repository import Repository
 from repo.snapshot import Snapshot
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 API_VERSION = 1
 T = TypeVar("T")
+TICKET_HEADER = "x-ihb-ticket"
+TICKET_RECHECK = 5.0  # seconds a validated API ticket is trusted before the store is asked again
 
 ANY_ROLE = ("admin", "tenant", "agent")
 
@@ -79,6 +82,8 @@ class ApiServer:
         self.cpu = trio.CapacityLimiter(settings.workers)
         self.quick = trio.CapacityLimiter(4)  # index look-ups must not queue behind uploads being sealed
         self.locks = SessionLocks()
+        self._tickets: dict[tuple[str, str, str | None, str | None], tuple[float, str]] = {}
+        self._refusals: dict[tuple[str, str], float] = {}
         self._register()
         pages.register(self.app)
         dashboard.register(self)  # the web dashboard and /metrics (dashboard.py)
@@ -108,6 +113,47 @@ class ApiServer:
                 raise HTTPError(404, f"no tenant {t[:64]!r}")
             return t
         return p.tenant
+
+    async def _read_gate(self, req: Request, p: Principal, tenant: str, snapshot: str | None) -> str | None:
+        """Data reads (tree pages, file content, a restore point's root) of a tenant whose restore policy
+        requires tickets need an approved ``files`` ticket in X-Ihb-Ticket (docs/protocol.md §5.5), as the
+        restore commands on the appliance do. Returns the host the ticket is for (the read is then limited
+        to that host's blobs), None when no ticket was sent and none is needed."""
+        secret = req.header(TICKET_HEADER).strip()
+        cfg = self.settings.config
+        if not secret and not policy_for(cfg, tenant).require_ticket:
+            return None
+        from .restore_api import actor
+
+        store = RestoreRequestStore.for_config(cfg)
+        host = p.host if p.role == "agent" else None
+        if not secret:
+            now = time.monotonic()
+            if now - self._refusals.get((p.token_id, tenant), -1e9) > 60:  # one audit entry a minute per token
+                self._refusals[(p.token_id, tenant)] = now
+                by = actor(self, p)
+                await self.run(lambda: store.audit.append(by, "restore-ticket-refused",
+                                                          f"{tenant or '-'}/{host or '*'}@{(snapshot or '*')[:12]}",
+                                                          {"why": "no ticket", "via": "api"}))
+            raise HTTPError(403, f"tenant {tenant or '(none)'} requires authorized restores: request one "
+                                 "(`ihb restore-request create` or POST /api/v1/restore-requests) and restore on "
+                                 "the appliance with --ticket, or send the approved files ticket in the "
+                                 "X-Ihb-Ticket header", code="ticket_required")
+        key = (ticket_hash(secret), tenant, host, snapshot)
+        hit = self._tickets.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        by = actor(self, p)
+        try:
+            r = await self.run(lambda: store.check_read_ticket(secret, tenant=tenant, host=host, snapshot=snapshot,
+                                                               by=by))
+        except TicketRefused as e:
+            self._tickets.pop(key, None)
+            raise HTTPError(403, str(e), code="ticket_refused") from None
+        if len(self._tickets) > 4096:
+            self._tickets.clear()
+        self._tickets[key] = (time.monotonic() + TICKET_RECHECK, r.host)
+        return r.host
 
     # --- routes ----------------------------------------------------------------------------------------
     def _register(self) -> None:  # noqa: C901 - one table, read top to bottom
@@ -268,6 +314,7 @@ class ApiServer:
             snaps = await self.run(self.repo.snapshots)
             for sn in snaps:
                 if sn.id == sid and self._visible(p, sn):
+                    await self._read_gate(req, p, snapshot_tenant(self.settings.config, sn), sn.id)
                     full = await self.run(self.repo.load_snapshot, sid)
                     d = full.summary()
                     d["root"] = base64.b64encode(full.tree or b"").decode()
@@ -286,8 +333,13 @@ class ApiServer:
             kind = KINDS[req.path_params["kind"]]
             rid = bytes.fromhex(req.path_params["blob_id"])
             tenant = self._read_tenant(p, req)
-            owns = (self.state.host_owns(tenant, p.host, rid) if p.role == "agent"
-                    else self.state.tenant_owns(tenant, rid))
+            ticket_host = await self._read_gate(req, p, tenant, None)  # a blob names no restore point
+            if ticket_host is not None:
+                owns = self.state.host_owns(tenant, ticket_host, rid)
+            elif p.role == "agent":
+                owns = self.state.host_owns(tenant, p.host, rid)
+            else:
+                owns = self.state.tenant_owns(tenant, rid)
             if not owns:
                 raise HTTPError(404, "no such blob for this token")
             try:

@@ -4,8 +4,10 @@ the tenant's authorizers approve or deny them over the API (the workflow and the
 
 Scoping follows the restore points: a request is visible to admins, to its tenant's tenant tokens and
 to the agent of its host; anything else is reported as absent (404), never as forbidden. An agent may
-ask only for restores of its own host's restore points (their target host is the agent's host, which
-is what ``auto_approve_same_host_files`` looks at). Who acts is the token's note (``ihb token create
+ask only for restores of its own host's restore points (their target host is the agent's host).
+``auto_approve_same_host_files`` applies only to requests made with the agent token of the restore
+point's own host: a ``target_host`` sent by a tenant or admin token is recorded, never trusted for
+auto-approval (those requests go through the normal approval). Who acts is the token's note (``ihb token create
 --note alice``), else ``token-ID``: the same names as in the dashboard and in ``authorizers = [...]``.
 """
 
@@ -127,9 +129,10 @@ def register(api: ApiServer) -> None:  # noqa: C901 - one table, read top to bot
         if not p.is_admin and tenant != p.tenant:
             raise HTTPError(404, f"no restore point {sid} visible to this token")
         by = actor(api, p)
+        own_host = p.role == "agent" and p.host == snap.host and target_host == snap.host  # never a client field
         r = await act(lambda: store().create(tenant=tenant, host=snap.host, snapshot=snap.id, kind=str(kind),
                                              paths=list(paths), target=target, requested_by=by, reason=reason,
-                                             target_host=target_host))
+                                             target_host=target_host, may_auto_approve=own_host))
         return json_response({"request": r.to_obj()}, 201)
 
     @app.route("GET", f"{API}/restore-requests/{{request_id}}", roles=ANY_ROLE, params=rid_param,

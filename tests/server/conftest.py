@@ -154,12 +154,13 @@ class Appliance:
 
     # --- raw API access for tests ----------------------------------------------------------------------
     def api(self, method: str, path: str, token: Path | str | None = None, body: Any = None,
-            raw: bytes | None = None, ctype: str | None = None) -> tuple[int, Any]:
+            raw: bytes | None = None, ctype: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, Any]:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=30)
-        headers = {}
+        headers = dict(headers or {})
         if token is not None:
             tok = token.read_text().strip() if isinstance(token, Path) else token
             headers["Authorization"] = f"Bearer {tok}"
