@@ -74,6 +74,18 @@ class Aead:
         ct, tag = c.encrypt_and_digest(body)
         return ct + tag
 
+    def open_into(self, nonce: bytes, ct_tag: bytes | memoryview, aad: bytes, out: memoryview) -> None:
+        """``open`` into ``out`` (exactly the plaintext's length), without allocating on the OpenSSL path."""
+        if len(ct_tag) < fmt.TAG_LEN or len(out) != len(ct_tag) - fmt.TAG_LEN:
+            raise ValueError("sealed data and output buffer do not match")
+        if self._fast is not None:
+            try:
+                self._fast.decrypt_into(nonce, ct_tag, aad, out)
+                return
+            except _InvalidTag:
+                raise ValueError("authentication failed") from None
+        out[:] = self.open(nonce, ct_tag, aad)
+
     def open(self, nonce: bytes, ct_tag: bytes | memoryview, aad: bytes) -> bytes:
         if len(ct_tag) < fmt.TAG_LEN:
             raise ValueError("sealed data is shorter than its tag")
@@ -166,6 +178,18 @@ class KeyMaterial:
 _tls = threading.local()
 
 
+def scratch(slot: str, n: int) -> memoryview:
+    """A per-thread reusable buffer of ``n`` bytes (one per ``slot``) for data that does not outlive the
+    call: the blob read path would otherwise allocate, page-fault in and free two or three fresh buffers
+    per blob (measured: ~160 minor faults and ~400 us per 256 KiB chunk in this VM). Grows, never shrinks
+    below 1 MiB; a caller must not keep the view."""
+    buf = getattr(_tls, "scratch_" + slot, None)
+    if buf is None or len(buf) < n:
+        buf = bytearray(max(n, 1 << 20))
+        setattr(_tls, "scratch_" + slot, buf)
+    return memoryview(buf)[:n]
+
+
 def _zc(level: int) -> zstandard.ZstdCompressor:
     # zstd contexts are not thread-safe; one per thread and level.
     cs = getattr(_tls, "zc", None)
@@ -230,8 +254,9 @@ class Envelope:
             if len(stored) < fmt.NONCE_LEN + fmt.TAG_LEN + 1:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
             nonce = bytes(stored[: fmt.NONCE_LEN])
+            body = scratch("plain", len(stored) - fmt.NONCE_LEN - fmt.TAG_LEN)  # decompress() copies out of it
             try:
-                body = self._aead.open(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad)
+                self._aead.open_into(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad, body)
             except ValueError:
                 raise IntegrityError(
                     f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)"
@@ -239,12 +264,13 @@ class Envelope:
         return self.decompress(body, obj_id)
 
     @staticmethod
-    def decompress(body: bytes, obj_id: bytes = b"") -> bytes:
+    def decompress(body: bytes | memoryview, obj_id: bytes = b"") -> bytes:
+        """The plaintext as a new bytes object (``body`` may be a scratch buffer)."""
         if not body:
             raise IntegrityError(f"blob {obj_id.hex()[:16]} is empty")
         ctype = body[0]
         if ctype == fmt.Compression.NONE:
-            return body[1:]
+            return bytes(body[1:])
         if ctype == fmt.Compression.ZSTD:
             try:
                 return _zd().decompress(memoryview(body)[1:])

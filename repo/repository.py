@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from . import format as fmt
-from .crypto import Envelope, KeyMaterial
+from .crypto import Envelope, KeyMaterial, scratch
 from .errors import (
     ChunkMissing,
     IntegrityError,
@@ -298,6 +298,15 @@ class Repository:
     def read_stored(self, loc: BlobLoc) -> bytes:
         return self.storage.get(fmt.pack_name(loc.pack), loc.offset, loc.length)
 
+    def _read_stored_scratch(self, loc: BlobLoc) -> bytes | memoryview:
+        """``read_stored`` into this thread's scratch buffer where the storage can (local packs): valid
+        until the thread's next blob read, which is all ``get_blob`` needs."""
+        get_into = getattr(self.storage, "get_into", None)
+        if get_into is None:
+            return self.read_stored(loc)
+        view = scratch("stored", loc.length)
+        return view[: get_into(fmt.pack_name(loc.pack), loc.offset, view)]
+
     def get_blob(self, kind: int, blob_id: bytes) -> bytes:
         loc = self.index.get_chunk(blob_id)
         if loc is None:
@@ -305,7 +314,7 @@ class Repository:
         if loc is None:
             raise ChunkMissing(f"chunk {blob_id.hex()[:16]} is missing from the repository; run `ihb check`")
         try:
-            stored = self.read_stored(loc)
+            stored = self._read_stored_scratch(loc)
         except FileNotFoundError:
             # GC may have compacted the pack since the lookup; it re-indexes live blobs before deleting.
             moved = self.index.get_chunk(blob_id)
@@ -314,7 +323,7 @@ class Repository:
                     f"pack {loc.pack.hex()[:16]} holding chunk {blob_id.hex()[:16]} is missing; run `ihb check --repair`"
                 ) from None
             loc = moved
-            stored = self.read_stored(loc)
+            stored = self._read_stored_scratch(loc)
         data = self.envelope.open(loc.kind, blob_id, stored)
         if len(data) != loc.raw_len:
             raise IntegrityError(f"chunk {blob_id.hex()[:16]} has the wrong length")

@@ -136,6 +136,21 @@ class LocalStorage:
     def size(self, name: str) -> int:
         return os.stat(self._path(name)).st_size
 
+    def get_into(self, name: str, offset: int, view: memoryview) -> int:
+        """Read up to ``len(view)`` bytes at ``offset`` into ``view`` (fewer at the end of the object);
+        the blob read path reuses one buffer per thread instead of allocating (and page-faulting in) a
+        fresh one for every blob."""
+        try:
+            n = os.preadv(self._fd(name), [view], offset)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+            with self._fd_lock:  # closed by eviction in another thread: retry once
+                self._fds.pop(name, None)
+            n = os.preadv(self._fd(name), [view], offset)
+        return n
+
+
     def _link_into_place(self, tmp: str, name: str) -> None:
         dest = self._path(name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

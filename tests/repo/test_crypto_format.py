@@ -82,3 +82,21 @@ def test_newer_format_refused(tmp_path) -> None:
         json.dump(cfg, f)
     with pytest.raises(UnsupportedFormat, match="upgrade ihb"):
         Repository.open(loc, lambda: b"pw")
+
+
+def test_blob_reads_return_their_own_bytes(tmp_path) -> None:
+    """get_blob decrypts through per-thread scratch buffers: every result must still be a bytes object of
+    its own, untouched by the next read (compressed and raw blobs alike), on several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    Repository.init(str(tmp_path / "r"), b"pw")
+    with Repository.open(str(tmp_path / "r"), lambda: b"pw") as repo:
+        blobs = [os.urandom(300_000), b"text " * 60_000, os.urandom(5_000), b"z" * 2_000_000]
+        w = repo.writer()
+        ids = [w.add(fmt.BlobKind.DATA, b) for b in blobs]
+        w.flush()
+        got = [repo.get_blob(fmt.BlobKind.DATA, i) for i in ids]
+        assert all(type(g) is bytes for g in got) and got == blobs
+        with ThreadPoolExecutor(4) as ex:
+            for _ in range(3):
+                assert list(ex.map(lambda i: repo.get_blob(fmt.BlobKind.DATA, i), ids * 8)) == blobs * 8
