@@ -825,8 +825,21 @@ Placement = Callable[[JobSpec], tuple[str, tuple[str, ...]]]
 
 
 def spec_placement(spec: JobSpec) -> tuple[str, tuple[str, ...]]:
-    """Physical host and datastores from the config; the hypervisor connection can supply its own."""
-    return spec.physical_host, spec.datastores
+    """Physical host and datastores of a job: the config's where given, else, for VM jobs, asked of the
+    hypervisor connection (appliance/hypervisor/placement.py); a VM that does not answer is placed by
+    the config alone (its backup will report why it failed)."""
+    host, stores = spec.physical_host, spec.datastores
+    if spec.kind == "vm" and spec.source and not (host and stores):
+        from appliance.hypervisor.placement import vm_placement
+        from appliance.hypervisor.qmp import QMPError
+        from repo.errors import IhbError
+
+        try:
+            qhost, qstores = vm_placement(spec.source)
+            host, stores = host or qhost, stores or qstores
+        except (IhbError, OSError, QMPError) as e:
+            log.info("job %s: placement not known from QMP (%s); using the config's", spec.name, e)
+    return host, stores
 
 
 @dataclass

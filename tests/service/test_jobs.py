@@ -300,3 +300,51 @@ def test_csv_report_cells_never_start_a_formula() -> None:
 
     assert [_csv_cell(v) for v in ("=HYPERLINK(\"x\")", "+1", "-2", "@SUM(A1)", "web1", 3, -4, None)] == \
         ["'=HYPERLINK(\"x\")", "'+1", "'-2", "'@SUM(A1)", "web1", 3, -4, None]
+
+
+def test_vm_jobs_are_placed_by_asking_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two VMs with no placement in the config: the scheduler asks each QEMU (over QMP) which image files
+    back its disks, so both land on this host and on the datastore holding their images, and the
+    per-host cap of 1 queues one behind the other with that reason in its record."""
+    import shutil
+    import socket as so
+    import subprocess
+
+    from appliance.hypervisor.placement import mount_point, vm_placement
+    from appliance.hypervisor.qmp import QMPClient
+
+    assert shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"), \
+        "qemu-system-x86_64 and qemu-img are needed (apt install qemu-system-x86 qemu-utils)"
+    procs = []
+    try:
+        for i in range(2):
+            img = tmp_path / f"vm{i}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+            sock = tmp_path / f"vm{i}.qmp"
+            node = {"node-name": "disk0", "driver": "qcow2", "file": {"driver": "file", "filename": str(img)}}
+            procs.append(subprocess.Popen(
+                ["qemu-system-x86_64", "-nodefaults", "-nographic", "-monitor", "none", "-S", "-name", f"vm{i}",
+                 "-qmp", f"unix:{sock},server=on,wait=off", "-blockdev", json.dumps(node),
+                 "-device", "virtio-blk-pci,drive=disk0,id=vda"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            QMPClient(sock, timeout=30).connect(alive=lambda p=procs[-1]: p.poll() is None).close()
+        assert vm_placement(str(tmp_path / "vm0.qmp")) == (so.gethostname(), (mount_point(str(tmp_path)),))
+        cfg = Config(raw={"service": {"state_dir": str(tmp_path / "state")},
+                          "scheduler": {"max_concurrent": 5, "per_physical_host": 1},
+                          "jobs": [{"name": f"vm{i}", "kind": "vm", "qmp": str(tmp_path / f"vm{i}.qmp"),
+                                    "schedule": "@hourly"} for i in range(2)]})
+        (tmp_path / "state").mkdir()
+        clock = [int(t(2026, 3, 1, 10, 0, 30).timestamp() * 1e9)]
+        store = J.JobStore(str(tmp_path / "state"))
+        monkeypatch.setattr(J.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60 * 10**9))
+        res = J.run_due(cfg, lambda spec, rec: FakeProc(clock, store, rec, 5), now=lambda: clock[0])
+        assert len(res.finished) == 2 and res.max_running == 1
+        waited = [r for r in store.all() if r.queue_reason]
+        assert len(waited) == 1 and f"physical host {so.gethostname()}" in waited[0].queue_reason, waited
+        # a VM that does not answer is placed by the config alone
+        assert J.spec_placement(J.JobSpec.from_obj({"name": "x", "kind": "vm", "qmp": str(tmp_path / "gone.qmp"),
+                                                    "physical_host": "esx9"})) == ("esx9", ())
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
