@@ -28,9 +28,11 @@ def mount_point(path: str) -> str:
     return p
 
 
-def vm_placement(qmp_path: str, timeout: float = 5.0) -> tuple[str, tuple[str, ...]]:
+def vm_placement(qmp_path: str, timeout: float = 2.0) -> tuple[str, tuple[str, ...]]:
     """(physical host, datastores) of the VM behind ``qmp_path``; raises QMPError/OSError if it does
     not answer."""
+    if not os.path.exists(qmp_path):  # the client would wait for the socket to appear; a scheduler must not
+        raise FileNotFoundError(f"no QMP socket at {qmp_path}")
     with QMPClient(qmp_path, timeout=timeout) as q:
         disks = QemuVM(q).disks()
     stores = {mount_point(d.filename) for d in disks if d.filename.startswith("/")}
