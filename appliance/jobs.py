@@ -730,6 +730,22 @@ def fill_record(r: JobRecord, sid: str, kind: str, stats: Mapping[str, Any], err
         r.host = vm or ""
 
 
+def agent_runs(snaps: Iterable[Any], recorded: set[str]) -> list[JobRecord]:
+    """Restore points pushed by network agents, which leave no job record on the appliance, as runs of
+    the job ``agent:HOST`` (``recorded``: snapshot ids some record already names)."""
+    out = []
+    for s in snaps:
+        if s.id in recorded or s.meta.get("source") != "agent":
+            continue
+        dur = float(s.stats.get("duration", 0) or 0)
+        r = JobRecord(id=s.id[:16], job=f"agent:{s.host}", kind="agent", tenant=str(s.meta.get("tenant", "")),
+                      host=s.host, trigger="agent", start_ns=s.time_ns, end_ns=s.time_ns + int(dur * 1e9))
+        fill_record(r, s.id, s.kind, s.stats, s.errors, s.meta.get("consistency"), s.vm)
+        r.status = "warning" if r.skipped_count else "ok"
+        out.append(r)
+    return out
+
+
 def fill_from_output(r: JobRecord, output: bytes, code: int, end_ns: int) -> None:
     """Complete a record from a backup command's ``--json`` output when the command itself did not
     (commands wrapped in ``recorded_job`` record themselves; this covers any other command)."""

@@ -73,26 +73,11 @@ def visible_specs(p: Principal, cfg: Config) -> list[J.JobSpec]:
     return [s for s in J.load_specs(cfg) if p.may_see(s.tenant, s.host)]
 
 
-def agent_runs(snaps: list[Snapshot], recorded: set[str]) -> list[J.JobRecord]:
-    """Restore points pushed by agents (no job record names them) as job runs ``agent:HOST``."""
-    out = []
-    for s in snaps:
-        if s.id in recorded or s.meta.get("source") != "agent":
-            continue
-        dur = float(s.stats.get("duration", 0) or 0)
-        r = J.JobRecord(id=s.id[:16], job=f"agent:{s.host}", kind="agent", tenant=_tenant_of(s), host=s.host,
-                        trigger="agent", start_ns=s.time_ns, end_ns=s.time_ns + int(dur * 1e9))
-        J.fill_record(r, s.id, s.kind, s.stats, s.errors, s.meta.get("consistency"), s.vm)
-        r.status = "warning" if r.skipped_count else "ok"
-        out.append(r)
-    return out
-
-
 def job_runs(p: Principal, store: J.JobStore, snaps: list[Snapshot]) -> list[J.JobRecord]:
     """Every run the viewer may see, recorded or pushed, oldest first."""
     recs = store.all()
     recorded = {r.snapshot for r in recs if r.snapshot}
-    runs = [r for r in recs if p.may_see(r.tenant, r.host)] + agent_runs(visible_snapshots(p, snaps), recorded)
+    runs = [r for r in recs if p.may_see(r.tenant, r.host)] + J.agent_runs(visible_snapshots(p, snaps), recorded)
     runs.sort(key=lambda r: (r.start_ns or r.queued_ns or 0, r.id))
     return runs
 

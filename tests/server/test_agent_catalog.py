@@ -47,6 +47,10 @@ def test_find_covers_agent_backups(appliance: Appliance, tmp_path: Path) -> None
             break
         time.sleep(0.2)
     assert sorted(v["size"] for v in vers) == [20, 28]
+    # the appliance keeps no job record of agent runs: `ihb report` reads them from the restore points
+    runs = json.loads(run_ihb("report", "--config", str(app.config), "--format", "json").stdout)["runs"]
+    agent = [r for r in runs if r["job"] == "agent:web1"]
+    assert len(agent) == 2 and all(r["status"] == "ok" and r["kind"] == "agent" and r["snapshot"] for r in agent)
 
     # a tenant with its own key: its names are catalogued too (the tree is readable by the appliance)
     src2 = write_tree(tmp_path / "s1", {"etc/nginx/nginx.conf": b"secret config\n"})
