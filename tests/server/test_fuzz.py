@@ -26,7 +26,9 @@ def test_openapi_fuzz_no_server_errors(appliance: Appliance, tmp_path: Path) -> 
         p = subprocess.run(
             [st, "run", f"{app.url}api/v1/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
              "--tls-verify", "false", "--header", f"Authorization: Bearer {tok.read_text().strip()}",
-             "--workers", "2", "--max-time", budget, "--no-shrink", "--seed", "1",
+             # one worker: with two, schemathesis compiles generated code in parallel threads and
+             # CPython 3.11.2 sometimes fails it ("AST constructor recursion depth mismatch")
+             "--workers", "1", "--max-time", budget, "--no-shrink", "--seed", "1",
              "--report-dir", str(tmp_path / "reports")],
             capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
         assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
