@@ -17,9 +17,7 @@ gap or ``prev`` mismatch) and a truncated tail (``audit.head`` is ahead of the l
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import json
 import os
 import secrets
@@ -31,6 +29,7 @@ from typing import Any
 import blake3
 
 from appliance.config import Config
+from appliance.statefile import locked_append, write_json
 from repo.errors import IhbError
 
 ZERO = "0" * 64
@@ -87,15 +86,6 @@ class AuditLog:
     def _hash(self, key: bytes, entry: Mapping[str, Any]) -> str:
         return blake3.blake3(_canonical(entry), key=key).hexdigest()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
-        finally:
-            os.close(fd)
-
     def _last(self) -> tuple[int, str]:
         """(seq, hash) of the last complete entry (the tail of the file, not the head file)."""
         try:
@@ -123,7 +113,7 @@ class AuditLog:
     def append(self, actor: str, action: str, target: str = "", details: Mapping[str, Any] | None = None,
                now_ns: int | None = None) -> dict[str, Any]:
         key = self._key(create=True)
-        with self._locked() as fd:
+        with locked_append(self.path) as fd:
             seq, prev = self._last()
             t = time.time_ns() if now_ns is None else now_ns
             entry: dict[str, Any] = {
@@ -136,12 +126,7 @@ class AuditLog:
                 os.write(fd, b"\n")  # a line torn by a crash stays visible to verify, on its own
             os.write(fd, json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
             os.fsync(fd)
-            tmp = self.head_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"seq": entry["seq"], "hash": entry["hash"]}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.head_path)
+            write_json(self.head_path, {"seq": entry["seq"], "hash": entry["hash"]})
         return entry
 
     def entries(self) -> Iterator[dict[str, Any]]:

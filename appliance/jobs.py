@@ -42,6 +42,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from appliance.config import Config, data_dir
+from appliance.statefile import exclusive, locked_append
 from repo.errors import InvalidArgument
 from repo.retention import Duration
 
@@ -398,18 +399,9 @@ class _JsonLines:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
-        finally:
-            os.close(fd)
-
     def append(self, obj: Mapping[str, Any]) -> None:
         line = (json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode()
-        with self._locked() as fd:
+        with locked_append(self.path) as fd:
             os.write(fd, line)
             os.fsync(fd)
 
@@ -511,16 +503,10 @@ class AlertStore:
     def open_for(self, job: str, kind: str) -> Alert | None:
         return next((a for a in self.all() if a.job == job and a.kind == kind and a.resolved_ns is None), None)
 
-    @contextlib.contextmanager
-    def _transition(self) -> Iterator[None]:
+    def _transition(self) -> contextlib.AbstractContextManager[None]:
         """Check-then-write under one lock: a scheduler pass and a backup process finishing at the same
         moment never raise (or resolve) the same alert twice."""
-        fd = os.open(os.path.join(self.dir, "alerts.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return exclusive(os.path.join(self.dir, "alerts.lock"))
 
     def raise_once(self, a: Alert) -> Alert | None:
         """Store ``a`` unless an alert of its kind is already open for its job; the new alert or None."""

@@ -22,6 +22,18 @@ def exclusive(lock_path: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def locked_append(path: str) -> Iterator[int]:
+    """The fd of an append-only log (created 0600), held under an exclusive flock: writers of one
+    line at a time (job records, the audit log) never interleave, readers of the fd see the whole file."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

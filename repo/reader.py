@@ -6,7 +6,6 @@ both cores work while the caller writes.
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -81,36 +80,3 @@ def iter_content(repo: Repository, content: list[list[Any]], window: int = 8) ->
         return repo.get_blob(fmt.BlobKind.DATA, cid), ln
 
     yield from ordered_map(fetch, content, shared_pool(), window)
-
-
-class FileContent:
-    """Random access into one file's content list: offsets by bisect on cumulative sizes."""
-
-    def __init__(self, source: ChunkSource, content: list[list[Any]]) -> None:
-        self.source = source
-        self.content = content
-        self.starts: list[int] = []
-        pos = 0
-        for _, ln in content:
-            self.starts.append(pos)
-            pos += ln
-        self.size = pos
-
-    def read(self, offset: int, size: int) -> bytes:
-        if offset >= self.size or size <= 0:
-            return b""
-        end = min(self.size, offset + size)
-        i = bisect.bisect_right(self.starts, offset) - 1
-        out = []
-        pos = offset
-        while pos < end:
-            cid, ln = self.content[i]
-            cstart = self.starts[i]
-            lo, hi = pos - cstart, min(ln, end - cstart)
-            if cid is None:
-                out.append(bytes(hi - lo))
-            else:
-                out.append(self.source.get(cid)[lo:hi])
-            pos = cstart + hi
-            i += 1
-        return b"".join(out)
