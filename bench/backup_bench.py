@@ -42,6 +42,7 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import dataset  # noqa: E402
+from benchutil import drop_caches  # noqa: E402
 
 PASSPHRASE = "bench-passphrase-not-secret"
 MB = 1_000_000
@@ -71,16 +72,6 @@ class ToolResult:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def drop_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def du(path: Path) -> int:
     """Apparent bytes of a tree (packs and segments are never sparse)."""
     if not path.exists():

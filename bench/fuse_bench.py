@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import drop_caches  # noqa: E402
+
 from fusefs.mount import mount_entry  # noqa: E402
 
 MiB = 1024 * 1024
@@ -44,16 +46,6 @@ Row = dict[str, Any]
 
 
 # --- measurements ---------------------------------------------------------------------------------------
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def seq_read(path: Path) -> float:
     """MB/s reading the whole file with 1 MiB reads."""
     buf = bytearray(MiB)

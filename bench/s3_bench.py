@@ -37,20 +37,12 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
+from benchutil import drop_caches  # noqa: E402
+
 from tests.s3.stores import ACCESS_KEY, SECRET_KEY, CephRGW  # noqa: E402
 
 MB = 1_000_000
 PASSPHRASE = "bench-passphrase-not-secret"
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def make_dataset(root: Path, size_mib: int) -> dict[str, str]:

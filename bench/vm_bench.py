@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
+from benchutil import drop_caches  # noqa: E402
+
 from appliance.hypervisor.nbd import NBDClient  # noqa: E402
 from appliance.hypervisor.qmp import QMPClient  # noqa: E402
 
@@ -57,16 +59,6 @@ class WritableNBD(NBDClient):
     def flush(self) -> None:
         self._request(3, 0, 0)  # NBD_CMD_FLUSH
         self._reply_chunk()
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def du(path: Path) -> int:
