@@ -632,7 +632,8 @@ class S3Storage:
             raise
         self._sizes[name] = size
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def _listing(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, S3 object record) of every object under ``prefix``, page by page."""
         plen = len(self.settings.prefix)
         token: str | None = None
         while True:
@@ -645,33 +646,19 @@ class S3Storage:
             except bexc.ClientError as e:
                 raise self._translate(e, prefix) from None
             for obj in page.get("Contents", ()):
-                name = obj["Key"][plen:]
-                self._sizes[name] = int(obj["Size"])
-                yield name
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
+                yield obj["Key"][plen:], obj
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
             if not token:
                 return
 
+    def list(self, prefix: str) -> Iterator[str]:
+        for name, obj in self._listing(prefix):
+            self._sizes[name] = int(obj["Size"])
+            yield name
+
     def list_with_times(self, prefix: str) -> list[tuple[str, float, int]]:
         """(name, server LastModified as epoch seconds, size), for lock staleness by the server's clock."""
-        out = []
-        plen = len(self.settings.prefix)
-        token: str | None = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": self._key(prefix), "MaxKeys": 1000}
-            if token:
-                kw["ContinuationToken"] = token
-            try:
-                page = self._call("LIST", self.client.list_objects_v2, **kw)
-            except bexc.ClientError as e:
-                raise self._translate(e, prefix) from None
-            for obj in page.get("Contents", ()):
-                out.append((obj["Key"][plen:], obj["LastModified"].timestamp(), int(obj["Size"])))
-            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
-                return out
-            token = page["NextContinuationToken"]
+        return [(name, obj["LastModified"].timestamp(), int(obj["Size"])) for name, obj in self._listing(prefix)]
 
     def delete(self, name: str) -> None:
         self._blocks.forget(name)

@@ -22,6 +22,15 @@ from repo.repository import Repository
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def read_passphrase_file(path: str) -> bytes:
+    """A passphrase file's content without its line end; a clear error if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().rstrip(b"\r\n")
+    except OSError as e:
+        raise InvalidArgument(f"passphrase file {path} cannot be read: {e.strerror}") from None
+
+
 class Ctx:
     """Per-invocation state built from the common options."""
 
@@ -42,17 +51,12 @@ class Ctx:
     def passphrase(self) -> bytes | None:
         pf = self.passphrase_file or os.environ.get("IHB_PASSPHRASE_FILE") or self.cfg.passphrase_file
         if pf:
-            try:
-                with open(pf, "rb") as f:
-                    return f.read().rstrip(b"\r\n")
-            except OSError as e:
-                raise InvalidArgument(f"passphrase file {pf} cannot be read: {e.strerror}") from None
+            return read_passphrase_file(pf)
         env = os.environ.get("IHB_PASSPHRASE")
         if env is not None:
             return env.encode()
         if self.is_default_repo and os.path.exists(self.cfg.default_passphrase_file):
-            with open(self.cfg.default_passphrase_file, "rb") as f:
-                return f.read().rstrip(b"\r\n")
+            return read_passphrase_file(self.cfg.default_passphrase_file)
         if sys.stdin.isatty():
             return getpass.getpass(f"Passphrase for {self.repo_path}: ").encode()
         raise PassphraseRequired()

@@ -13,23 +13,19 @@ import sys
 import click
 
 from repo import storage_s3
-from repo.errors import InvalidArgument, PassphraseRequired
+from repo.errors import PassphraseRequired
 from repo.repository import Repository, default_cache_root
 from repo.retention import Duration, Policy
 from repo.sync import default_map_path, sync
 
 from . import cli
-from .common import Ctx, Progress, human_bytes
+from .common import Ctx, Progress, human_bytes, read_passphrase_file
 
 
 def _read_pass(file: str | None, env_var: str, env_file: str, fallback: Ctx, label: str) -> bytes | None:
     pf = file or os.environ.get(env_file)
     if pf:
-        try:
-            with open(pf, "rb") as f:
-                return f.read().rstrip(b"\r\n")
-        except OSError as e:
-            raise InvalidArgument(f"passphrase file {pf} cannot be read: {e.strerror}") from None
+        return read_passphrase_file(pf)
     if os.environ.get(env_var) is not None:
         return os.environ[env_var].encode()
     try:
