@@ -16,7 +16,8 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import Future
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
@@ -54,6 +55,22 @@ def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_mtime_ns = a.mtime_ns
     e.st_ctime_ns = a.ctime_ns
     return e
+
+
+async def _wait_all(futures: list[Future[Any]]) -> None:
+    """Wait for futures completed on other threads; each wakes the loop through run_sync_soon."""
+    token = trio.lowlevel.current_trio_token()
+    for fut in futures:
+        if fut.done():
+            continue
+        done = trio.Event()
+
+        def wake(_: Future[Any], done: trio.Event = done) -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        fut.add_done_callback(wake)
+        await done.wait()
 
 
 class Operations(pyfuse3.Operations):
@@ -163,10 +180,19 @@ class Operations(pyfuse3.Operations):
             h = self.vfs.handle(fh)
             h.after_read(off, size)  # start readahead before waiting for this range
             try:
-                data = call_nowait(h.read, off, size)
+                return cast(bytes, call_nowait(h.read, off, size))  # any contiguous buffer: views avoid copies
             except WouldBlock:
+                pass
+            try:  # await the chunks' fetches on the loop: a worker thread parked on them costs two more wake-ups
+                cids = call_nowait(h.reader.chunk_ids, off, off + size)
+            except WouldBlock:
+                cids = []
+            await _wait_all(self.vfs.fetcher.pending(cids))
+            try:
+                data = call_nowait(h.read, off, size)
+            except WouldBlock:  # a map page to load, a failed fetch to report, or content without chunks
                 data = await trio.to_thread.run_sync(h.read, off, size, limiter=self.limiter)
-        return cast(bytes, data)  # pyfuse3 takes any contiguous buffer: a memoryview avoids a copy
+        return cast(bytes, data)
 
     async def release(self, fh: FileHandleT) -> None:
         self.vfs.release(fh)

@@ -30,6 +30,7 @@ event loop and send the rest to a worker thread.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import logging
@@ -39,7 +40,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
@@ -192,6 +193,12 @@ class ChunkFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:  # fills cancelled before they ran: their waiters get an error, not a hang
+            left = list(self._inflight.values())
+            self._inflight.clear()
+        for fut in left:
+            if not fut.done():
+                fut.set_exception(OSError(errno.EIO, "the mount is closing"))
 
     def cached(self, cid: bytes) -> bool:
         return self.cache.get(cid) is not None
@@ -210,15 +217,20 @@ class ChunkFetcher:
         if not mine:
             self.stats["waits"] += 1
             return fut.result()
+        self.stats["fetches"] += 1
+        self._fill(cid, fut)
+        return fut.result()
+
+    def _fill(self, cid: bytes, fut: Future[bytes]) -> None:
+        """Load a chunk claimed in ``_inflight``; the outcome goes to its future, never raised here."""
         try:
-            self.stats["fetches"] += 1
             data = self._load(cid)
             self.cache.put(cid, data)
-            fut.set_result(data)
-            return data
+            with contextlib.suppress(InvalidStateError):  # close() failed it meanwhile
+                fut.set_result(data)
         except BaseException as e:
-            fut.set_exception(e)
-            raise
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(e)
         finally:
             with self._lock:
                 self._inflight.pop(cid, None)
@@ -229,23 +241,55 @@ class ChunkFetcher:
         except IntegrityError as e:
             raise DamagedChunk(cid, str(e)) from e
 
+    def pending(self, cids: Iterable[bytes]) -> list[Future[bytes]]:
+        """Futures of the chunks not cached, fetching on the pool those not in flight yet: the event
+        loop can await them without a worker thread of its own blocking on them (one wake-up, not three)."""
+        futs, claimed = self._claim(cids)
+        self._submit_fills(claimed)
+        return futs
+
     def prefetch(self, cids: Iterable[bytes]) -> None:
         """Start fetching chunks not cached nor in flight; errors surface on the foreground read.
         Consecutive chunks go to one task (PREFETCH_BATCH at a time): fewer thread hand-offs."""
-        todo = [cid for cid in cids if cid not in self._inflight and self.cache.get(cid) is None]
-        self.stats["prefetches"] += len(todo)
-        for i in range(0, len(todo), PREFETCH_BATCH):
-            self._pool.submit(self._quiet_get, todo[i : i + PREFETCH_BATCH])
+        _, claimed = self._claim(cids)
+        self.stats["prefetches"] += len(claimed)
+        self._submit_fills(claimed)
+
+    def _claim(self, cids: Iterable[bytes]) -> tuple[list[Future[bytes]], list[tuple[bytes, Future[bytes]]]]:
+        """In-flight futures of ``cids`` (not cached); the ones created here are returned as claimed too.
+        A claimed chunk is in ``_inflight`` from now on, so a reader arriving first waits for its fill."""
+        futs: list[Future[bytes]] = []
+        claimed: list[tuple[bytes, Future[bytes]]] = []
+        with self._lock:
+            for cid in cids:
+                if self.cache.get(cid) is not None:
+                    continue
+                fut = self._inflight.get(cid)
+                if fut is None:
+                    fut = self._inflight[cid] = Future()
+                    claimed.append((cid, fut))
+                futs.append(fut)
+        return futs, claimed
+
+    def _submit_fills(self, claimed: list[tuple[bytes, Future[bytes]]]) -> None:
+        for i in range(0, len(claimed), PREFETCH_BATCH):
+            try:
+                self._pool.submit(self._fill_all, claimed[i : i + PREFETCH_BATCH])
+            except RuntimeError as e:  # pool shut down (unmounting): nobody may wait forever
+                for cid, fut in claimed[i:]:
+                    with self._lock:
+                        self._inflight.pop(cid, None)
+                    fut.set_exception(e)
+                return
+
+    def _fill_all(self, batch: list[tuple[bytes, Future[bytes]]]) -> None:
+        for cid, fut in batch:
+            self._fill(cid, fut)
+            if fut.exception() is not None:  # reported once by the read that needs the chunk
+                log.debug("prefetch of chunk %s failed: %s", cid.hex()[:16], fut.exception())
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._pool.submit(fn, *args)
-
-    def _quiet_get(self, cids: list[bytes]) -> None:
-        for cid in cids:
-            try:
-                self.get(cid)
-            except Exception as e:  # reported once by the read that needs the chunk
-                log.debug("prefetch of chunk %s failed: %s", cid.hex()[:16], e)
 
 
 # --- content readers ----------------------------------------------------------------------------------
