@@ -74,6 +74,7 @@ class RestorePointSource(Protocol):
 
     def snapshots(self) -> list[Snapshot]: ...
     def get_blob(self, kind: int, blob_id: bytes) -> bytes: ...
+    def get_blob_view(self, kind: int, blob_id: bytes) -> bytes | memoryview: ...
     def sync_index(self) -> tuple[int, int]: ...
 
 
@@ -237,7 +238,7 @@ class ChunkFetcher:
 
     def _load(self, cid: bytes) -> bytes:
         try:
-            return self.repo.get_blob(fmt.BlobKind.DATA, cid)
+            return self.repo.get_blob_view(fmt.BlobKind.DATA, cid)
         except IntegrityError as e:
             raise DamagedChunk(cid, str(e)) from e
 

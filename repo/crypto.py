@@ -263,6 +263,22 @@ class Envelope:
                 ) from None
         return self.decompress(body, obj_id)
 
+    def open_view(self, kind: int, obj_id: bytes, stored: bytes | memoryview, raw_len: int) -> bytes | memoryview:
+        """``open``, but a blob stored without compression comes back as a read-only view of a buffer of
+        its own, decrypted in place: no second copy of the plaintext (what a FUSE reply needs)."""
+        if self.encryption == "none" or len(stored) != fmt.NONCE_LEN + fmt.TAG_LEN + 1 + raw_len:
+            return self.open(kind, obj_id, stored)
+        aad = fmt.AAD_PREFIX + bytes((kind,)) + obj_id
+        buf = bytearray(raw_len + 1)
+        try:
+            self._aead.open_into(bytes(stored[: fmt.NONCE_LEN]), memoryview(stored)[fmt.NONCE_LEN :], aad,
+                                 memoryview(buf))
+        except ValueError:
+            raise IntegrityError(f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)") from None
+        if buf[0] != fmt.Compression.NONE:  # a compressed blob of exactly this size: rare, decode it normally
+            return self.decompress(buf, obj_id)
+        return memoryview(buf).toreadonly()[1:]
+
     @staticmethod
     def decompress(body: bytes | memoryview, obj_id: bytes = b"") -> bytes:
         """The plaintext as a new bytes object (``body`` may be a scratch buffer)."""

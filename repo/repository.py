@@ -308,6 +308,13 @@ class Repository:
         return view[: get_into(fmt.pack_name(loc.pack), loc.offset, view)]
 
     def get_blob(self, kind: int, blob_id: bytes) -> bytes:
+        return self._get_blob(kind, blob_id, view=False)  # type: ignore[return-value]
+
+    def get_blob_view(self, kind: int, blob_id: bytes) -> bytes | memoryview:
+        """``get_blob`` without copying a blob stored uncompressed: a read-only view of its own buffer."""
+        return self._get_blob(kind, blob_id, view=True)
+
+    def _get_blob(self, kind: int, blob_id: bytes, view: bool) -> bytes | memoryview:
         loc = self.index.get_chunk(blob_id)
         if loc is None:
             loc = self.index.get_condemned(blob_id)  # awaiting a GC sweep: still readable (gc.py)
@@ -324,7 +331,10 @@ class Repository:
                 ) from None
             loc = moved
             stored = self._read_stored_scratch(loc)
-        data = self.envelope.open(loc.kind, blob_id, stored)
+        if view:
+            data = self.envelope.open_view(loc.kind, blob_id, stored, loc.raw_len)
+        else:
+            data = self.envelope.open(loc.kind, blob_id, stored)
         if len(data) != loc.raw_len:
             raise IntegrityError(f"chunk {blob_id.hex()[:16]} has the wrong length")
         return data
