@@ -43,7 +43,7 @@ class _BytesReader(ContentReader):
         self._read_at = read_at
         self._blocking = blocking
 
-    def read(self, off: int, size: int) -> bytes:
+    def read(self, off: int, size: int, out: bytearray | None = None) -> bytes:
         if self._blocking:
             # repo.guestfs turns any exception into its own errors, so the nowait probe must never
             # reach it: guest reads always run on a worker thread.

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 READDIR_BATCH = 128
+REPLY_BUF = 1 << 20  # the largest read the kernel sends (max_read); larger ones get a buffer each
 DEFAULT_THREADS = 16  # blocking calls in flight: chunk fetches wait on disk as well as on the CPU
 
 
@@ -85,6 +86,9 @@ class Operations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(threads)
         self._on_init = on_init
         self._logged: set[str] = set()
+        # Reads that span chunks are assembled here on the event loop instead of in a fresh buffer each:
+        # pyfuse3 sends a read's reply before any other task runs, so one buffer serves them all.
+        self._reply_buf = bytearray(REPLY_BUF)
 
     def init(self) -> None:
         """Called when the kernel's INIT arrives; must never raise."""
@@ -180,7 +184,7 @@ class Operations(pyfuse3.Operations):
             h = self.vfs.handle(fh)
             h.after_read(off, size)  # start readahead before waiting for this range
             try:
-                return cast(bytes, call_nowait(h.read, off, size))  # any contiguous buffer: views avoid copies
+                return cast(bytes, call_nowait(h.read, off, size, self._reply_buf))
             except WouldBlock:
                 pass
             try:  # await the chunks' fetches on the loop: a worker thread parked on them costs two more wake-ups
@@ -189,7 +193,7 @@ class Operations(pyfuse3.Operations):
                 cids = []
             await _wait_all(self.vfs.fetcher.pending(cids))
             try:
-                data = call_nowait(h.read, off, size)
+                data = call_nowait(h.read, off, size, self._reply_buf)
             except WouldBlock:  # a map page to load, a failed fetch to report, or content without chunks
                 data = await trio.to_thread.run_sync(h.read, off, size, limiter=self.limiter)
         return cast(bytes, data)

@@ -308,7 +308,9 @@ class ContentReader:
     def pieces(self, off: int, end: int) -> Iterator[Piece]:
         raise NotImplementedError
 
-    def read(self, off: int, size: int) -> bytes | memoryview:
+    def read(self, off: int, size: int, out: bytearray | None = None) -> bytes | memoryview:
+        """The bytes at [off, off+size), clipped at the end. A read spanning chunks is assembled in ``out``
+        when given (the caller's reusable buffer; the view returned is valid until it is reused)."""
         if off >= self.size or size <= 0:
             return b""
         end = min(self.size, off + size)
@@ -324,7 +326,13 @@ class ContentReader:
             parts.append(memoryview(data)[lo:hi])
         if len(parts) == 1:
             return parts[0]  # zero-copy: a view of the cached chunk
-        return b"".join(parts)
+        if out is None or len(out) < end - off:
+            return b"".join(parts)
+        pos = 0
+        for p in parts:
+            out[pos : pos + len(p)] = p
+            pos += len(p)
+        return memoryview(out)[:pos]
 
     def read_at(self, offset: int, size: int) -> bytes:
         """repo.guestfs ByteSource: blocking, clipped at the end, safe from several threads."""
@@ -412,8 +420,8 @@ class OpenFile:
         self._last_end = -1
         self._ra_to = 0
 
-    def read(self, off: int, size: int) -> bytes | memoryview:
-        return self.reader.read(off, size)
+    def read(self, off: int, size: int, out: bytearray | None = None) -> bytes | memoryview:
+        return self.reader.read(off, size, out)
 
     def after_read(self, off: int, size: int) -> None:
         """Grow the window on sequential access (kernel readahead reorders a little) and prefetch."""
