@@ -432,12 +432,8 @@ class BlobWriter:
         if blob_id is None:
             blob_id = self.env.chunk_id(data)
         n = len(data)
-        with self._lock:
-            self.stats["chunks"] += 1
-            self.stats["bytes"] += n
-            if blob_id in self._pending or self.repo.index.get_chunk(blob_id) is not None:
-                return blob_id
-            self._pending.add(blob_id)
+        if not self._claim(blob_id, n):
+            return blob_id
         try:
             stored = self.env.pack_blob(kind, blob_id, data)
         except BaseException:
@@ -451,12 +447,8 @@ class BlobWriter:
         """Store a blob whose compressed body (compression byte + payload, as ``Envelope.compress``
         makes it) was produced elsewhere, e.g. by a network agent. The caller vouches that ``body``
         decompresses to ``raw_len`` bytes whose id is ``blob_id``. Returns True if it was new."""
-        with self._lock:
-            self.stats["chunks"] += 1
-            self.stats["bytes"] += raw_len
-            if blob_id in self._pending or self.repo.index.get_chunk(blob_id) is not None:
-                return False
-            self._pending.add(blob_id)
+        if not self._claim(blob_id, raw_len):
+            return False
         try:
             stored = self.env.seal(kind, blob_id, body)
         except BaseException:
@@ -465,6 +457,23 @@ class BlobWriter:
             raise
         self._append(kind, blob_id, stored, raw_len)
         return True
+
+    def _claim(self, blob_id: bytes, n: int) -> bool:
+        """Count a blob; True if it is new and this caller must store it. The index lookup runs outside
+        the lock: on a cold index it waits on the disk, and under the lock every worker waited in turn.
+        A blob leaves ``_pending`` only after its pack is indexed, so a lookup that misses it while its
+        pack is being indexed still finds it pending."""
+        with self._lock:
+            self.stats["chunks"] += 1
+            self.stats["bytes"] += n
+            if blob_id in self._pending:
+                return False
+        known = self.repo.index.get_chunk(blob_id) is not None
+        with self._lock:
+            if known or blob_id in self._pending:
+                return False
+            self._pending.add(blob_id)
+            return True
 
     def _append(self, kind: int, blob_id: bytes, stored: bytes, n: int) -> None:
         with self._lock:

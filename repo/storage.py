@@ -80,6 +80,9 @@ class LocalStorage:
     directory fsync'ed, so an object is either complete under its name or absent."""
 
     MAX_OPEN = 64  # pack file descriptors kept open for fast random reads (FUSE, restore)
+    # A full pack is sealed, fsynced and indexed on a thread of its own while the next one fills:
+    # done inline, every worker waited on each pack's fsync (BlobWriter._flush_locked).
+    background_uploads = 1
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)

@@ -7,6 +7,8 @@ be unfinished; ``submit`` waits for the oldest before accepting more.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,3 +72,44 @@ def ordered_map(fn: Callable[[T], Any], items: Iterable[T], pool: ThreadPoolExec
 
 
 _SENTINEL: Any = object()
+
+
+def in_background(items: Iterable[T], ahead: int, name: str = "ihb-reader") -> Iterator[T]:
+    """Iterate ``items`` on a thread of its own, at most ``ahead`` items ahead of the consumer: a source
+    that waits on a socket or a disk (NBD replies, preads; they release the GIL) keeps reading while the
+    consumer works, instead of only when asked. Errors re-raise in the consumer; leaving the loop
+    early stops the thread after its current item."""
+    q: queue.Queue[tuple[int, Any]] = queue.Queue(max(1, ahead))
+    stop = threading.Event()
+
+    def put(tag: int, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put((tag, value), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(0, item):
+                    return
+            put(1, None)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(2, e)
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    try:
+        while True:
+            tag, value = q.get()
+            if tag == 1:
+                return
+            if tag == 2:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        t.join()

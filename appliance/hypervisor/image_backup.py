@@ -13,9 +13,9 @@ from typing import Any
 from repo.image import ImageWriter
 from repo.repository import BlobWriter, Repository
 from repo.snapshot import DiskRecord
-from repo.workers import Pipeline
+from repo.workers import Pipeline, in_background
 
-from .sources import DiskSource
+from .sources import READ_AHEAD, DiskSource
 
 ProgressFn = Callable[[dict[str, Any], str], None]
 
@@ -46,6 +46,43 @@ def subtract(extents: Iterable[tuple[int, int, bool]], free: list[tuple[int, int
                 pos = end
 
 
+def write_runs(iw: ImageWriter, source: DiskSource, runs: Iterable[tuple[int, int, bool]], writer: BlobWriter,
+               name: str, progress: ProgressFn | None = None,
+               check: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Write ``runs`` (offset, length, has data) in offset order: data read from ``source``, the rest
+    recorded as zeros. ``check(bytes read so far)`` runs before and after each read unit and may raise
+    to stop (cancellation). Returns (bytes read, zero bytes)."""
+    runs = list(runs)
+    # The source is read on a thread of its own (preads and NBD replies release the GIL) while this
+    # one merges, chunks and submits.
+    reads = in_background(source.read_many((o, ln) for o, ln, has in runs if has), READ_AHEAD)
+    read_bytes = zero_bytes = 0
+    last = 0.0
+    try:
+        for off, ln, has in runs:
+            if not has:
+                iw.zero(off, ln)
+                zero_bytes += ln
+                continue
+            pos = off
+            while pos < off + ln:
+                if check is not None:
+                    check(read_bytes)
+                data = next(reads)
+                iw.write(pos, data)
+                pos += len(data)
+                read_bytes += len(data)
+                if check is not None:
+                    check(read_bytes)
+                now = time.monotonic()
+                if progress is not None and now - last > 0.2:
+                    last = now
+                    progress({"bytes": read_bytes, "files": 0, "new_bytes": writer.stats["new_bytes"]}, name)
+    finally:
+        reads.close()  # stops the reader thread, also when a write or a check ends the copy early
+    return read_bytes, zero_bytes
+
+
 def backup_disk(repo: Repository, writer: BlobWriter, pipe: Pipeline, source: DiskSource, name: str, *,
                 base: DiskRecord | None = None, changed: Iterable[tuple[int, int]] | None = None,
                 free: list[tuple[int, int]] | None = None, progress: ProgressFn | None = None) -> DiskRecord:
@@ -66,22 +103,7 @@ def backup_disk(repo: Repository, writer: BlobWriter, pipe: Pipeline, source: Di
         zero_runs = []
     # Interleave data and zero runs in offset order (the writer wants increasing offsets).
     events = sorted([(o, ln, True) for o, ln in data_runs] + [(o, ln, False) for o, ln in zero_runs])
-    reads = source.read_many((o, ln) for o, ln, is_data in events if is_data)
-    last = time.monotonic()
-    for off, ln, is_data in events:
-        if not is_data:
-            iw.zero(off, ln)
-            zero_bytes += ln
-            continue
-        pos = off
-        while pos < off + ln:
-            data = next(reads)
-            iw.write(pos, data)
-            pos += len(data)
-            read_bytes += len(data)
-            if progress and time.monotonic() - last > 0.2:
-                last = time.monotonic()
-                progress({"bytes": read_bytes, "files": 0, "new_bytes": writer.stats["new_bytes"]}, name)
+    read_bytes, zero_bytes = write_runs(iw, source, events, writer, name, progress)
     rec = iw.finish()
     rec.stats.update({"read_bytes": read_bytes, "zero_bytes": zero_bytes, "free_skipped_bytes": free_bytes,
                       "seconds": round(time.monotonic() - t0, 3)})

@@ -137,9 +137,12 @@ class NBDClient:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(next(self.read_many([(offset, length)])))
 
-    def read_many(self, extents: Iterable[tuple[int, int]], depth: int = 8) -> Iterator[bytearray]:
-        """Read extents (any length; split at 32 MiB) with up to ``depth`` requests in flight,
-        yielding each extent's bytes in order."""
+    def read_many(self, extents: Iterable[tuple[int, int]], depth: int = 32,
+                  max_bytes: int = 32 << 20) -> Iterator[bytearray]:
+        """Read extents (any length; split at 32 MiB) with up to ``depth`` requests and ``max_bytes``
+        outstanding, yielding each extent's bytes in order. Many requests keep the server's disk busy
+        on scattered small extents (an incremental's dirty blocks); the byte budget bounds memory on
+        large ones."""
         pieces: list[tuple[int, int]] = []
         for off, ln in extents:
             while ln > 0:
@@ -148,29 +151,30 @@ class NBDClient:
                 off += n
                 ln -= n
         inflight: dict[int, tuple[int, bytearray]] = {}
-        it = iter(pieces)
         done: dict[int, bytearray] = {}
         order: list[int] = []
+        nxt = pos = outstanding = 0  # next piece to request, next reply to yield, bytes not yet yielded
 
-        def send_next() -> bool:
-            nxt = next(it, None)
-            if nxt is None:
-                return False
-            cookie = self._request(CMD_READ, *nxt)
-            inflight[cookie] = (nxt[0], bytearray(nxt[1]))
-            order.append(cookie)
-            return True
+        def fill() -> None:
+            nonlocal nxt, outstanding
+            while nxt < len(pieces) and len(order) - pos < depth and (
+                    outstanding == 0 or outstanding + pieces[nxt][1] <= max_bytes):
+                off, n = pieces[nxt]
+                nxt += 1
+                cookie = self._request(CMD_READ, off, n)
+                inflight[cookie] = (off, bytearray(n))
+                order.append(cookie)
+                outstanding += n
 
-        for _ in range(depth):
-            if not send_next():
-                break
-        pos = 0
+        fill()
         while pos < len(order):
             head = order[pos]
             if head in done:
-                yield done.pop(head)
+                buf = done.pop(head)
                 pos += 1
-                send_next()
+                outstanding -= len(buf)
+                yield buf
+                fill()
                 continue
             cookie = self._read_reply_into(inflight)
             if cookie is not None:

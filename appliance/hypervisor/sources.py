@@ -23,6 +23,7 @@ from .nbd import STATUS_ZERO, NBDClient, NBDError
 
 BLKGETSIZE64 = 0x80081272
 READ_UNIT = 4 << 20
+READ_AHEAD = 8  # read units received ahead of the chunking (in_background)
 
 
 class DiskSource(Protocol):

@@ -63,7 +63,7 @@ from repo.repository import BlobWriter, Repository
 from repo.snapshot import DiskRecord, Snapshot
 from repo.workers import Pipeline
 
-from .image_backup import subtract
+from .image_backup import subtract, write_runs
 from .nbd import NBDClient, NBDError
 from .qmp import GuestAgent, QMPClient, QMPConnectionError, QMPError
 from .sources import NBDSource
@@ -655,29 +655,15 @@ def _copy(repo: Any, writer: BlobWriter, pipe: Pipeline, source: NBDSource, name
           runs: list[tuple[int, int, bool]], base: DiskRecord | None, progress: ProgressFn | None,
           cancel: threading.Event | None) -> DiskRecord:
     iw = ImageWriter(repo, writer, pipe, name, size, base=base)
-    reads = source.read_many((o, ln) for o, ln, has in runs if has)
-    read_bytes = zero_bytes = 0
     stall = _stall_after()
-    last = 0.0
-    for off, ln, has in runs:
-        if not has:
-            iw.zero(off, ln)
-            zero_bytes += ln
-            continue
-        pos = off
-        while pos < off + ln:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"backup of disk {name} cancelled")
-            data = next(reads)
-            iw.write(pos, data)
-            pos += len(data)
-            read_bytes += len(data)
-            now = time.monotonic()
-            if progress is not None and (last == 0.0 or now - last > 0.2):
-                last = now
-                progress({"bytes": read_bytes, "files": 0, "new_bytes": writer.stats["new_bytes"]}, name)
-            if stall is not None and read_bytes >= stall:
-                _stall(f"{name} {read_bytes}")
+
+    def check(read_bytes: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"backup of disk {name} cancelled")
+        if stall is not None and read_bytes >= stall:
+            _stall(f"{name} {read_bytes}")
+
+    read_bytes, zero_bytes = write_runs(iw, source, runs, writer, name, progress, check)
     rec = iw.finish()
     rec.stats.update({"read_bytes": read_bytes, "zero_bytes": zero_bytes})
     return rec

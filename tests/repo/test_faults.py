@@ -45,7 +45,8 @@ def test_kill_9_during_backup_loses_nothing(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rnd = random.Random(7)
-    for i in range(24):
+    nfiles = 40  # enough that a backup outlives the kill below, also with packs sealed in the background
+    for i in range(nfiles):
         (src / f"f{i}").write_bytes(rnd.randbytes(4 * 1024 * 1024))
     ihb("backup", str(src), env=env)
     first = json.loads(ihb("snapshots", "--json", env=env).stdout)
@@ -53,7 +54,7 @@ def test_kill_9_during_backup_loses_nothing(tmp_path: Path) -> None:
     kills = 0
     for i in range(6):
         # new data everywhere, so every attempt writes many packs
-        for j in range(24):
+        for j in range(nfiles):
             (src / f"f{j}").write_bytes(rnd.randbytes(4 * 1024 * 1024))
         p = subprocess.Popen([sys.executable, "-m", "appliance.cli", "backup", str(src)],
                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
