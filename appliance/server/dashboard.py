@@ -86,7 +86,7 @@ def _form(req: Request) -> dict[str, str]:
     if ctype != "application/x-www-form-urlencoded":
         raise HTTPError(415, "send the form as application/x-www-form-urlencoded")
     try:
-        parsed = parse_qs(req.body.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
+        parsed = parse_qs(bytes(req.body).decode("utf-8"), keep_blank_values=True, max_num_fields=32)
     except (UnicodeDecodeError, ValueError):
         raise HTTPError(400, "the form cannot be read") from None
     return {k: v[0] for k, v in parsed.items()}

@@ -41,6 +41,7 @@ from .http import HTTPError
 from .state import State
 
 log = logging.getLogger(__name__)
+_tls = threading.local()
 
 FRAME = struct.Struct("<B32sII")  # kind, tenant id, plaintext length, body length (docs/protocol.md §5.3)
 MAX_RAW = 16 * 1024 * 1024  # largest plaintext blob accepted (CDC max is 4 MiB, tree pages ~2 MiB)
@@ -102,20 +103,22 @@ def unb64(s: Any, what: str) -> bytes:
         raise HTTPError(400, f"{what} is not valid base64") from None
 
 
-def decompress_checked(body: bytes, raw_len: int, tid: bytes) -> bytes:
-    """Decompress an agent's body, refusing bombs: the declared size is checked before allocating."""
+def decompress_checked(body: bytes | memoryview, raw_len: int, tid: bytes) -> bytes | memoryview:
+    """Decompress an agent's body, refusing bombs: the declared size is checked before allocating.
+    An uncompressed body comes back as a view of ``body`` (it is only hashed and parsed, never kept)."""
     if not body:
         raise HTTPError(400, f"blob {tid.hex()[:16]} has an empty body")
     ctype = body[0]
     payload = memoryview(body)[1:]
+    plain: bytes | memoryview
     if ctype == fmt.Compression.NONE:
-        plain = bytes(payload)
+        plain = payload
     elif ctype == fmt.Compression.ZSTD:
         try:
             size = zstandard.frame_content_size(payload)
             if size not in (-1, raw_len):
                 raise HTTPError(422, f"blob {tid.hex()[:16]}: compressed frame declares {size} bytes, not {raw_len}")
-            plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+            plain = _zd().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise HTTPError(422, f"blob {tid.hex()[:16]} does not decompress: {e}") from None
     else:
@@ -125,8 +128,18 @@ def decompress_checked(body: bytes, raw_len: int, tid: bytes) -> bytes:
     return plain
 
 
-def parse_frames(body: bytes) -> list[tuple[int, bytes, int, bytes]]:
+def _zd() -> zstandard.ZstdDecompressor:
+    """One decompression context per thread (they are not thread-safe; making one per blob costs)."""
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def parse_frames(body: bytes | memoryview) -> list[tuple[int, bytes, int, memoryview]]:
+    """The request's blob frames; the bodies are views of ``body``, not copies."""
     items = []
+    whole = memoryview(body)
     pos, n = 0, len(body)
     while pos < n:
         if n - pos < FRAME.size:
@@ -139,7 +152,7 @@ def parse_frames(body: bytes) -> list[tuple[int, bytes, int, bytes]]:
             raise HTTPError(413, f"blob {tid.hex()[:16]} is larger than {MAX_RAW} bytes")
         if blen > n - pos:
             raise HTTPError(400, f"blob {tid.hex()[:16]}: body runs past the end of the request")
-        items.append((kind, tid, raw_len, body[pos : pos + blen]))
+        items.append((kind, tid, raw_len, whole[pos : pos + blen]))
         pos += blen
     if not items:
         raise HTTPError(400, "the request holds no blob frames")
@@ -262,7 +275,7 @@ class Ingest:
         return [False if r is None else next(it) for r in rids]
 
     # --- uploads ---------------------------------------------------------------------------------------
-    def receive(self, sid: str, sess: dict[str, Any], body: bytes) -> dict[str, int]:
+    def receive(self, sid: str, sess: dict[str, Any], body: bytes | memoryview) -> dict[str, int]:
         tenant, host = sess["tenant"], sess["host"]
         tk = self.tenant_keys(tenant)
         items = parse_frames(body)
@@ -394,7 +407,7 @@ class Ingest:
                 part[1] = mapping[part[1]]
         return [mapping[r] for r in refs]
 
-    def translate_page(self, tenant: str, plain: bytes, pending: dict[bytes, bytes]) -> tuple[bytes, list[bytes]]:
+    def translate_page(self, tenant: str, plain: bytes | memoryview, pending: dict[bytes, bytes]) -> tuple[bytes, list[bytes]]:
         try:
             nodes = msgpack.unpackb(plain, raw=False, strict_map_key=False)
         except (ValueError, TypeError, msgpack.ExtraData) as e:
