@@ -11,7 +11,9 @@ text-like data that zstd compresses about 3:1.
 Wall-clock figures depend on whatever else runs on the machine; CPU seconds (every process of a tool,
 the appliance's whole life included) much less so, and both are printed. On one machine the agents
 and the appliance share the same cores; the appliance's own CPU per MiB is what bounds it when the
-agents run on their own hosts.
+agents run on their own hosts. Every timed phase ends with a `sync` (included): the data is durable,
+and no phase is slowed by the writeback of the one before (borg's and restic's repositories were
+still being written back during the 20-agent phase before this was added).
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def child_cpu() -> float:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall time of a command including a `sync` after it: each tool pays for writing back its own
+    repository, not the next one (writeback left running slows the next phase's fsyncs)."""
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
+    subprocess.run(["sync"], check=False)
     dt = time.monotonic() - t0
     if p.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(cmd[:4])}... failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -194,6 +199,7 @@ def main() -> None:
             _, err = p.communicate()
             if p.returncode != 0:
                 raise SystemExit(f"an agent failed: {err.decode()[-2000:]}")
+        subprocess.run(["sync"], check=False)
         res[f"{a.agents} concurrent agents (total)"] = time.monotonic() - t0
         many_cpu = child_cpu() - c0
     finally:
