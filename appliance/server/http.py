@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
 RECV_SIZE = 256 * 1024
-REUSE_BODY = 1 << 20  # bodies this large are read into the connection's reusable buffer
+REUSE_BODY = 1 << 20  # bodies this large are read into a spare buffer, returned after the response
+SPARE_BODIES = 4  # spare upload buffers kept: bounded memory however many agents stay connected
+_SPARE_BODIES: list[bytearray] = []  # touched only on the event loop
 SERVER_NAME = "ihb-appliance"
 
 
@@ -115,7 +117,7 @@ class HttpConnection:
         self.limits = limits
         self.remote = remote
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self._body_buf = bytearray()
+        self._lent: bytearray | None = None  # the spare upload buffer this request's body is in
 
     async def _next_event(self, patience: float) -> Any:
         while True:
@@ -205,12 +207,12 @@ class HttpConnection:
             raise HTTPError(413, f"the body is {declared} bytes; this endpoint accepts at most {limit}")
         if declared is not None:  # h11 enforces Content-Length; fill a buffer of that size in place
             if declared >= REUSE_BODY:
-                # Uploads (up to 36 MiB each) reuse one buffer per connection: a fresh one is zeroed and
-                # page-faulted in every time. Requests on a connection are served one after the other,
-                # and a handler keeps no view of its body once it has answered.
-                if len(self._body_buf) < declared:
-                    self._body_buf = bytearray(declared)
-                buf = memoryview(self._body_buf)[:declared]
+                # Uploads (up to 36 MiB each) borrow a spare buffer: a fresh one is zeroed and page-faulted
+                # in every time. It goes back once the response is sent; a handler keeps no view of its
+                # body after answering (its worker thread has finished by then).
+                spare = _SPARE_BODIES.pop() if _SPARE_BODIES else bytearray()
+                self._lent = spare if len(spare) >= declared else bytearray(declared)
+                buf = memoryview(self._lent)[:declared]
             else:
                 buf = memoryview(bytearray(declared))
             pos = 0
@@ -239,6 +241,14 @@ class HttpConnection:
 
     async def _one(self, ev: h11.Request) -> bool:
         """Serve one request; return whether the connection may stay open."""
+        try:
+            return await self._serve_one(ev)
+        finally:
+            if self._lent is not None and len(_SPARE_BODIES) < SPARE_BODIES:
+                _SPARE_BODIES.append(self._lent)
+            self._lent = None
+
+    async def _serve_one(self, ev: h11.Request) -> bool:
         try:
             req = self._request_from(ev)
             limit = self.app.body_limit(req)
