@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IHB = [sys.executable, "-c", "from appliance.cli import main; main()"]
@@ -140,6 +140,7 @@ class Server:
 
 
 def main() -> None:
+    byte_compile()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--workdir", default="/tmp/ihb-bench")

@@ -42,7 +42,7 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import dataset  # noqa: E402
-from benchutil import drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches  # noqa: E402
 
 PASSPHRASE = "bench-passphrase-not-secret"
 MB = 1_000_000
@@ -408,6 +408,7 @@ def report(raw: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    byte_compile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ihbbench/run"), help="scratch directory (wiped)")
     ap.add_argument("--tools", default="ihb,borg,restic")

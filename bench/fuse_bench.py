@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchutil import drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches  # noqa: E402
 
 from fusefs.mount import mount_entry  # noqa: E402
 
@@ -389,6 +389,7 @@ def table(results: dict[str, Row], setup: dict[str, dict[str, float]], size_mib:
 
 
 def main() -> None:
+    byte_compile()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/var/tmp/ihb-bench")
     ap.add_argument("--size-mib", type=int, default=1024)

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
-from benchutil import drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches  # noqa: E402
 
 from tests.s3.stores import ACCESS_KEY, SECRET_KEY, CephRGW  # noqa: E402
 
@@ -143,6 +143,7 @@ def run_backend(name: str, repo: str, work: Path, data: Path, digests: dict[str,
 
 
 def main() -> None:
+    byte_compile()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/ihb-s3bench")
     ap.add_argument("--size-mib", type=int, default=1024)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
-from benchutil import drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches  # noqa: E402
 
 from appliance.hypervisor.nbd import NBDClient  # noqa: E402
 from appliance.hypervisor.qmp import QMPClient  # noqa: E402
@@ -171,6 +171,7 @@ def verify(env: dict[str, str], q: Qemu, snapshot: str, offsets: list[int], rnd:
 
 
 def main() -> None:
+    byte_compile()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/ihbbench/vm"))
     ap.add_argument("--size-gib", type=float, default=10)

@@ -16,33 +16,28 @@ import click
 
 from repo.errors import IhbError
 
+# Command name -> the module that defines it, so that `ihb backup` imports only backup_cmd (not the
+# server, FUSE or S3 code: a second of start-up on a busy appliance). A table, not a scan of the modules'
+# sources at every start (that cost 20 ms per command); tests/arch/test_layers.py checks it against
+# the commands the modules really define.
+COMMANDS: dict[str, str] = {
+    "agent": "agent_cmd", "audit": "audit_cmd", "backup": "backup_cmd",
+    "catalog": "catalog_cmd", "find": "catalog_cmd", "versions": "catalog_cmd",
+    "backup-image": "image_cmd", "instant-recover": "instant_cmd", "verify-boot": "instant_cmd",
+    "mount": "mount_cmd", "umount": "mount_cmd", "nbd-export": "nbd_cmd", "notify": "notify_cmd",
+    "approvals": "prune_cmd", "approve": "prune_cmd", "delete-tenant": "prune_cmd", "gc": "prune_cmd",
+    "lock": "prune_cmd", "locks": "prune_cmd", "prune": "prune_cmd", "unlock": "prune_cmd",
+    "check": "repo_cmds", "info": "repo_cmds", "init": "repo_cmds", "key": "repo_cmds",
+    "alerts": "report_cmd", "jobs": "report_cmd", "report": "report_cmd",
+    "restore": "restore_cmd", "restore-disk": "restore_disk_cmd", "restore-file": "restore_file_cmd",
+    "restore-request": "restore_request_cmd", "serve": "serve_cmd", "sla": "sla_cmd",
+    "cat": "snapshot_cmds", "diff": "snapshot_cmds", "ls": "snapshot_cmds", "snapshots": "snapshot_cmds",
+    "sync": "sync_cmd", "token": "token_cmd", "vm": "vm_cmd",
+}
+
 
 def _command_modules() -> dict[str, str]:
-    """Command name -> module, read from the ``@cli.command``/``@cli.group`` decorators of every
-    ``*_cmd.py``/``*_cmds.py`` beside this file without importing them: ``ihb backup`` must not pay for
-    importing the server, FUSE or S3 code (a second of start-up on a busy appliance)."""
-    import ast
-    import pathlib
-
-    found: dict[str, str] = {}
-    for path in sorted(pathlib.Path(__file__).parent.glob("*_cmd*.py")):
-        if not path.stem.endswith(("_cmd", "_cmds")):
-            continue
-        for node in ast.parse(path.read_text()).body:
-            if not isinstance(node, ast.FunctionDef):
-                continue
-            for dec in node.decorator_list:
-                if (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
-                        and isinstance(dec.func.value, ast.Name) and dec.func.value.id == "cli"
-                        and dec.func.attr in ("command", "group")):
-                    if dec.args and isinstance(dec.args[0], ast.Constant):
-                        name = str(dec.args[0].value)
-                    else:
-                        name = node.name.lower().replace("_", "-")
-                        for suffix in ("-command", "-cmd", "-group", "-grp"):
-                            name = name.removesuffix(suffix)
-                    found[name] = f"{__name__}.{path.stem}"
-    return found
+    return {name: f"{__name__}.{stem}" for name, stem in COMMANDS.items()}
 
 
 class IhbGroup(click.Group):
@@ -98,11 +93,13 @@ def cli(debug: bool, verbose: int) -> None:
 
 
 def load_all_commands() -> None:
-    """Import every command module (for docs and tests; the CLI itself loads them on demand)."""
+    """Import every command module beside this file (for docs and tests; the CLI loads them on demand)."""
     import importlib
+    import pathlib
 
-    for mod in sorted(set(_command_modules().values())):
-        importlib.import_module(mod)
+    for path in sorted(pathlib.Path(__file__).parent.glob("*_cmd*.py")):
+        if path.stem.endswith(("_cmd", "_cmds")):
+            importlib.import_module(f"{__name__}.{path.stem}")
 
 
 def main() -> None:

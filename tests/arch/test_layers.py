@@ -51,7 +51,9 @@ def test_cli_lazy_map_covers_every_command_and_help_works() -> None:
     from appliance.cli import _command_modules, cli, load_all_commands
 
     load_all_commands()
-    assert set(cli.commands) == set(_command_modules()), "a command's name is not found by the lazy loader"
+    assert set(cli.commands) == set(_command_modules()), "appliance.cli.COMMANDS must list every command"
+    for name, module in _command_modules().items():  # and name the module that defines it
+        assert cli.commands[name].callback.__module__ == module, f"ihb {name} is not defined in {module}"
     runner = CliRunner()
 
     def walk(cmd: click.Command, path: list[str]) -> None:
