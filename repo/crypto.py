@@ -201,7 +201,8 @@ def _zc(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
-def _zd() -> zstandard.ZstdDecompressor:
+def zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompression context (contexts are not thread-safe; making one per blob costs)."""
     d = getattr(_tls, "zd", None)
     if d is None:
         d = _tls.zd = zstandard.ZstdDecompressor()
@@ -253,15 +254,15 @@ class Envelope:
         else:
             if len(stored) < fmt.NONCE_LEN + fmt.TAG_LEN + 1:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} is truncated")
-            nonce = bytes(stored[: fmt.NONCE_LEN])
             body = scratch("plain", len(stored) - fmt.NONCE_LEN - fmt.TAG_LEN)  # decompress() copies out of it
-            try:
-                self._aead.open_into(nonce, memoryview(stored)[fmt.NONCE_LEN :], aad, body)
-            except ValueError:
-                raise IntegrityError(
-                    f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)"
-                ) from None
+            self._decrypt_into(aad, obj_id, stored, body)
         return self.decompress(body, obj_id)
+
+    def _decrypt_into(self, aad: bytes, obj_id: bytes, stored: bytes | memoryview, out: memoryview) -> None:
+        try:
+            self._aead.open_into(bytes(stored[: fmt.NONCE_LEN]), memoryview(stored)[fmt.NONCE_LEN :], aad, out)
+        except ValueError:
+            raise IntegrityError(f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)") from None
 
     def open_view(self, kind: int, obj_id: bytes, stored: bytes | memoryview, raw_len: int) -> bytes | memoryview:
         """``open``, but a blob stored without compression comes back as a read-only view of a buffer of
@@ -270,11 +271,7 @@ class Envelope:
             return self.open(kind, obj_id, stored)
         aad = fmt.AAD_PREFIX + bytes((kind,)) + obj_id
         buf = bytearray(raw_len + 1)
-        try:
-            self._aead.open_into(bytes(stored[: fmt.NONCE_LEN]), memoryview(stored)[fmt.NONCE_LEN :], aad,
-                                 memoryview(buf))
-        except ValueError:
-            raise IntegrityError(f"blob {obj_id.hex()[:16]} failed authentication (damaged or tampered data)") from None
+        self._decrypt_into(aad, obj_id, stored, memoryview(buf))
         if buf[0] != fmt.Compression.NONE:  # a compressed blob of exactly this size: rare, decode it normally
             return self.decompress(buf, obj_id)
         return memoryview(buf).toreadonly()[1:]
@@ -289,7 +286,7 @@ class Envelope:
             return bytes(body[1:])
         if ctype == fmt.Compression.ZSTD:
             try:
-                return _zd().decompress(memoryview(body)[1:])
+                return zstd_decompressor().decompress(memoryview(body)[1:])
             except zstandard.ZstdError as e:
                 raise IntegrityError(f"blob {obj_id.hex()[:16]} does not decompress: {e}") from None
         raise IntegrityError(f"blob {obj_id.hex()[:16]} has unknown compression {ctype}")

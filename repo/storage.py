@@ -153,7 +153,6 @@ class LocalStorage:
             n = os.preadv(self._fd(name), [view], offset)
         return n
 
-
     def _link_into_place(self, tmp: str, name: str) -> None:
         dest = self._path(name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -31,7 +31,7 @@ import zstandard
 
 from repo import catalog
 from repo import format as fmt
-from repo.crypto import Aead, Envelope
+from repo.crypto import Aead, Envelope, zstd_decompressor
 from repo.repository import Repository
 from repo.snapshot import Snapshot
 from repo.storage import ObjectExists
@@ -41,7 +41,6 @@ from .http import HTTPError
 from .state import State
 
 log = logging.getLogger(__name__)
-_tls = threading.local()
 
 FRAME = struct.Struct("<B32sII")  # kind, tenant id, plaintext length, body length (docs/protocol.md §5.3)
 MAX_RAW = 16 * 1024 * 1024  # largest plaintext blob accepted (CDC max is 4 MiB, tree pages ~2 MiB)
@@ -118,7 +117,7 @@ def decompress_checked(body: bytes | memoryview, raw_len: int, tid: bytes) -> by
             size = zstandard.frame_content_size(payload)
             if size not in (-1, raw_len):
                 raise HTTPError(422, f"blob {tid.hex()[:16]}: compressed frame declares {size} bytes, not {raw_len}")
-            plain = _zd().decompress(payload, max_output_size=raw_len)
+            plain = zstd_decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise HTTPError(422, f"blob {tid.hex()[:16]} does not decompress: {e}") from None
     else:
@@ -126,14 +125,6 @@ def decompress_checked(body: bytes | memoryview, raw_len: int, tid: bytes) -> by
     if len(plain) != raw_len:
         raise HTTPError(422, f"blob {tid.hex()[:16]} decompresses to {len(plain)} bytes, not the declared {raw_len}")
     return plain
-
-
-def _zd() -> zstandard.ZstdDecompressor:
-    """One decompression context per thread (they are not thread-safe; making one per blob costs)."""
-    d = getattr(_tls, "zd", None)
-    if d is None:
-        d = _tls.zd = zstandard.ZstdDecompressor()
-    return d
 
 
 def parse_frames(body: bytes | memoryview) -> list[tuple[int, bytes, int, memoryview]]:
