@@ -165,6 +165,11 @@ class KeyMaterial:
             from .errors import PassphraseRequired
 
             raise PassphraseRequired()
+        from . import keycache
+
+        cached = keycache.get(data, passphrase)
+        if cached is not None and len(cached) == len(ct):
+            return cls(cached, encryption)
         from Crypto.Protocol.KDF import scrypt
 
         kek = scrypt(passphrase, salt, 32, N=n, r=r, p=p)  # type: ignore[arg-type]
@@ -172,6 +177,7 @@ class KeyMaterial:
             master = Aead(kek).open(nonce, ct + tag, KEYFILE_AAD)  # type: ignore[arg-type]
         except ValueError:
             raise WrongPassphrase() from None
+        keycache.put(data, passphrase, master)
         return cls(master, encryption)
 
 

@@ -16,6 +16,7 @@ def clean_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
             monkeypatch.delenv(k)
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("IHB_TESTONLY_WEAK_KDF", "1")
+    monkeypatch.setenv("IHB_KEY_CACHE_SECONDS", "300")  # unlocked keys cached (the default path), not for long
     monkeypatch.setenv("IHB_CACHE_DIR", str(home / "cache"))
     monkeypatch.setenv("IHB_CONFIG_DIR", str(home / "etc"))
     monkeypatch.setenv("IHB_DATA_DIR", str(home / "data"))

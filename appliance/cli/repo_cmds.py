@@ -1,4 +1,4 @@
-"""Repository commands: `init`, `info`, `check`, `key export|import`."""
+"""Repository commands: `init`, `info`, `check`, `key export|import|forget`."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def check(ctx: Ctx, read_data: bool, repair: bool) -> None:
 
 @cli.group()
 def key() -> None:
-    """Export or import the repository key (keep a copy somewhere safe)."""
+    """Export or import the repository key (keep a copy somewhere safe); forget cached unlocked keys."""
 
 
 @key.command("export")
@@ -128,3 +128,17 @@ def key_import(ctx: Ctx, input_file: str) -> None:
     Repository._verify_key(km, config)
     storage.replace_bytes(fmt.KEY_NAME, data)
     click.echo("key imported", err=True)
+
+
+@key.command("forget")
+@common_options
+def key_forget(ctx: Ctx) -> None:
+    """Drop every unlocked repository key this user has cached in the kernel keyring.
+
+    After a successful unlock a key is kept there (IHB_KEY_CACHE_SECONDS after its last use, default
+    3600; 0 disables) so that later commands skip the slow passphrase check; the next command after
+    this one asks for the passphrase's full work again."""
+    from repo import keycache
+
+    n = keycache.forget_all()
+    ctx.emit({"message_type": "keys_forgotten", "count": n}, lambda: click.echo(f"forgot {n} cached key(s)"))
