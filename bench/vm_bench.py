@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of the 64 KiB blocks changed")
     ap.add_argument("--tools", default="ihb,borg,restic")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--image-chunk-size", type=int, default=0, help="ihb init --image-chunk-size (default: ihb's)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
     tools = a.tools.split(",")
@@ -227,7 +228,8 @@ def main() -> None:
                                                 text=True, cwd=PROJECT).stdout.strip()
         res["versions"]["qemu"] = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                                                  text=True).stdout.splitlines()[0]
-        run([sys.executable, "-m", "appliance.cli", "init"], env)
+        run([sys.executable, "-m", "appliance.cli", "init",
+             *(["--image-chunk-size", str(a.image_chunk_size)] if a.image_chunk_size else [])], env)
         res["ihb_cli_startup_s"] = run([sys.executable, "-m", "appliance.cli", "--version"], env)[0]
         q = Qemu(a.work, overlay)
         try:

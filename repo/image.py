@@ -24,6 +24,27 @@ from .snapshot import DiskRecord
 from .workers import Pipeline
 
 PAGE = fmt.IMAGE_MAP_PAGE
+#: Chunks go to a worker in batches of about this many bytes: per task (a Future, a queue hand-off, a
+#: thread wake-up) rather than per chunk, which at 64 KiB chunks cost more than hashing them.
+BATCH_BYTES = 1024 * 1024
+
+
+class _Slot:
+    """A map entry whose chunk is in a batch: its id is ``fut.result()[i]`` once the batch is submitted."""
+
+    __slots__ = ("fut", "i")
+
+    def __init__(self, i: int) -> None:
+        self.fut: Future[list[bytes]] | None = None
+        self.i = i
+
+    def result(self) -> bytes:
+        assert self.fut is not None
+        return self.fut.result()[self.i]
+
+
+def _resolved(e: Any) -> bytes | None:
+    return e.result() if isinstance(e, (Future, _Slot)) else e
 
 
 def load_page(repo: Repository, page_id: bytes | None) -> list[bytes | None]:
@@ -59,6 +80,9 @@ class ImageWriter:
         self._chunk_no = -1
         self._buf: bytearray | None = None
         self._zero = bytes(self.cs)
+        self._batch: list[bytes] = []
+        self._batch_slots: list[_Slot] = []
+        self._batch_bytes = 0
         self._pos = 0
         self.stats = {"written": 0, "zero_chunks": 0, "data_chunks": 0, "base_reads": 0}
 
@@ -74,7 +98,8 @@ class ImageWriter:
     def _seal_page(self) -> None:
         if self._page_no < 0 or not self._page_dirty:
             return
-        entries = [e.result() if isinstance(e, Future) else e for e in self._page]
+        self._submit_batch()
+        entries = [_resolved(e) for e in self._page]
         if all(e is None for e in entries):
             self.pages[self._page_no] = None
         else:
@@ -89,7 +114,9 @@ class ImageWriter:
     def _get(self, idx: int) -> bytes | None:
         self._goto_page(idx // PAGE)
         e = self._page[idx % PAGE]
-        return e.result() if isinstance(e, Future) else e
+        if isinstance(e, _Slot) and e.fut is None:
+            self._submit_batch()
+        return _resolved(e)
 
     # --- chunks -----------------------------------------------------------------------------------------
     def _chunk_len(self, idx: int) -> int:
@@ -101,7 +128,23 @@ class ImageWriter:
             self._set(idx, None)
         else:
             self.stats["data_chunks"] += 1
-            self._set(idx, self.pipe.submit(self.writer.add, fmt.BlobKind.DATA, data))
+            slot = _Slot(len(self._batch))
+            self._batch.append(data)
+            self._batch_slots.append(slot)
+            self._batch_bytes += len(data)
+            self._set(idx, slot)
+            if self._batch_bytes >= BATCH_BYTES:
+                self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, slots = self._batch, self._batch_slots
+        self._batch, self._batch_slots, self._batch_bytes = [], [], 0
+        add = self.writer.add
+        fut = self.pipe.submit(lambda: [add(fmt.BlobKind.DATA, d) for d in batch])
+        for slot in slots:
+            slot.fut = fut
 
     def _flush_chunk(self) -> None:
         if self._buf is not None:
@@ -165,6 +208,7 @@ class ImageWriter:
 
     def finish(self) -> DiskRecord:
         self._flush_chunk()
+        self._submit_batch()
         self._seal_page()
         return DiskRecord(self.name, self.size, self.cs, list(self.pages), dict(self.stats))
 

@@ -98,6 +98,8 @@ def test_full_incremental_interrupted_and_quiesced(start_guest: StartGuest, tmp_
     assert "not running" in _load(repo_env, r1["id"]).meta["quiesce"]["note"]
     assert {d: s["mode"] for d, s in r1["disk_stats"].items()} == {"vda": "full", "vdb": "full"}
     assert r1["disk_stats"]["vdb"]["read_bytes"] == 512 * 1024  # only the written 512 KiB of the sparse raw disk
+    # VM disks are chunked at the bitmap granularity: an incremental then stores only dirty blocks
+    assert {d.name: d.chunk_size for d in _load(repo_env, r1["id"]).disks} == {"vda": 65536, "vdb": 65536}
     compare_with_live(vm, repo_env, r1["id"], ["vda", "vdb"], tmp_path, nbd)
     bm1 = _one_bitmap_per_disk(vm)
     assert bm1["vda"]["persistent"] and not bm1["vdb"]["persistent"]
@@ -115,6 +117,7 @@ def test_full_incremental_interrupted_and_quiesced(start_guest: StartGuest, tmp_
     for d in ("vda", "vdb"):
         assert ds[d]["read_bytes"] <= 1.5 * dirty[d], (d, ds[d]["read_bytes"], dirty[d])
     assert ds["vdb"]["read_bytes"] == 256 * 1024
+    assert ds["vda"]["base_reads"] == ds["vdb"]["base_reads"] == 0  # no partly dirty chunk to merge
     assert 2 * MiB <= ds["vda"]["read_bytes"] <= 8 * MiB  # 2 MiB + 128 KiB of file data, plus ext4 metadata
     assert r2["parent"] == r1["id"]
     print(f"\nincremental read vs dirty bitmap: {({d: (ds[d]['read_bytes'], dirty[d]) for d in ds})}")
