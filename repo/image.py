@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -83,6 +83,7 @@ class ImageWriter:
         self._batch: list[bytes] = []
         self._batch_slots: list[_Slot] = []
         self._batch_bytes = 0
+        self._sealer: ThreadPoolExecutor | None = None
         self._pos = 0
         self.stats = {"written": 0, "zero_chunks": 0, "data_chunks": 0, "base_reads": 0}
 
@@ -92,19 +93,27 @@ class ImageWriter:
             return
         self._seal_page()
         self._page_no = pno
-        self._page = load_page(self.repo, self.pages[pno])
+        self._page = load_page(self.repo, _resolved(self.pages[pno]))
         self._page_dirty = False
 
     def _seal_page(self) -> None:
+        """Store the current page once its chunks are stored, on a thread of its own: waiting here for
+        the page's last batch (and then compressing and sealing it) stalled the copy at every page
+        boundary, and an incremental of scattered changes crosses one every few dozen chunks. A thread
+        apart from the pipeline's workers, which it waits for and which never wait for it."""
         if self._page_no < 0 or not self._page_dirty:
             return
         self._submit_batch()
-        entries = [_resolved(e) for e in self._page]
-        if all(e is None for e in entries):
-            self.pages[self._page_no] = None
-        else:
-            self.pages[self._page_no] = self.writer.add(fmt.BlobKind.IMAGE_MAP, msgpack.packb(entries))
+        if self._sealer is None:
+            self._sealer = ThreadPoolExecutor(1, thread_name_prefix="ihb-map-page")
+        self.pages[self._page_no] = self._sealer.submit(self._store_page, self._page)
         self._page_dirty = False
+
+    def _store_page(self, page: list[Any]) -> bytes | None:
+        entries = [_resolved(e) for e in page]
+        if all(e is None for e in entries):
+            return None
+        return self.writer.add(fmt.BlobKind.IMAGE_MAP, msgpack.packb(entries))
 
     def _set(self, idx: int, entry: Any) -> None:
         self._goto_page(idx // PAGE)
@@ -210,7 +219,12 @@ class ImageWriter:
         self._flush_chunk()
         self._submit_batch()
         self._seal_page()
-        return DiskRecord(self.name, self.size, self.cs, list(self.pages), dict(self.stats))
+        try:
+            pages = [_resolved(p) for p in self.pages]
+        finally:
+            if self._sealer is not None:
+                self._sealer.shutdown(wait=False)
+        return DiskRecord(self.name, self.size, self.cs, pages, dict(self.stats))
 
 
 class ImageReader:
