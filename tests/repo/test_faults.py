@@ -45,10 +45,12 @@ def test_kill_9_during_backup_loses_nothing(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rnd = random.Random(7)
-    nfiles = 40  # enough that a backup outlives the kill below, also with packs sealed in the background
+    nfiles = 40  # many packs per backup, so kills land between, inside and after pack writes
     for i in range(nfiles):
         (src / f"f{i}").write_bytes(rnd.randbytes(4 * 1024 * 1024))
+    t0 = time.monotonic()
     ihb("backup", str(src), env=env)
+    full_s = time.monotonic() - t0  # each attempt below writes as much new data: kill inside that time
     first = json.loads(ihb("snapshots", "--json", env=env).stdout)
     assert len(first) == 1
     kills = 0
@@ -58,7 +60,7 @@ def test_kill_9_during_backup_loses_nothing(tmp_path: Path) -> None:
             (src / f"f{j}").write_bytes(rnd.randbytes(4 * 1024 * 1024))
         p = subprocess.Popen([sys.executable, "-m", "appliance.cli", "backup", str(src)],
                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rnd.uniform(0.2, 0.9))
+        time.sleep(rnd.uniform(0.15, 0.75) * full_s)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
