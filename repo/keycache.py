@@ -16,6 +16,7 @@ sandbox refuses keyctl (seccomp, quota), every call here quietly does nothing: t
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -35,13 +36,18 @@ def seconds() -> int:
     return int(v) if v.isdigit() else DEFAULT_SECONDS
 
 
-def _libc() -> tuple[ctypes.CDLL, int, int] | None:
+@functools.cache
+def _syscall() -> tuple[ctypes.CDLL, int, int] | None:
     nums = _SYSCALLS.get(platform.machine())
-    if nums is None or seconds() == 0:
+    if nums is None:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     return libc, *nums
+
+
+def _libc() -> tuple[ctypes.CDLL, int, int] | None:
+    return None if seconds() == 0 else _syscall()
 
 
 def _description(key_file: bytes, passphrase: bytes) -> bytes:
@@ -90,16 +96,15 @@ def forget_all() -> int:
             lines = f.read().splitlines()
     except OSError:
         return 0
-    nums = _SYSCALLS.get(platform.machine())
-    if nums is None:
+    lib = _syscall()
+    if lib is None:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
+    libc, _add_key, keyctl = lib
     for line in lines:
         parts = line.split()
         if len(parts) >= 9 and parts[7] == "user" and parts[8].startswith(PREFIX):
             kid = int(parts[0], 16)
-            if libc.syscall(nums[1], _KEYCTL_REVOKE, ctypes.c_long(kid)) == 0:
-                libc.syscall(nums[1], _KEYCTL_UNLINK, ctypes.c_long(kid), _KEY_SPEC_USER_KEYRING)
+            if libc.syscall(keyctl, _KEYCTL_REVOKE, ctypes.c_long(kid)) == 0:
+                libc.syscall(keyctl, _KEYCTL_UNLINK, ctypes.c_long(kid), _KEY_SPEC_USER_KEYRING)
                 n += 1
     return n
