@@ -113,6 +113,19 @@ def check_repository(repo: Repository, read_data: bool = False, repair: bool = F
         repo.sync_index()
         report.repaired.append("index rebuilt from packs")
     pack_names = [n for n in repo.storage.list(fmt.DATA_PREFIX) if fmt.pack_id_from_name(n)]
+    # An empty pack the index never knew holds nothing: an upload that died before its first byte (some
+    # object stores keep such a PUT as a 0-byte object). Not damage; --repair removes it.
+    known = repo.index.packs()
+    empty = [n for n in pack_names if fmt.pack_id_from_name(n) not in known and repo.storage.size(n) == 0]
+    if empty:
+        pack_names = [n for n in pack_names if n not in set(empty)]
+        report.stats["empty_leftover_packs"] = len(empty)
+        for n in empty:
+            if repair:
+                repo.storage.delete(n)
+                report.repaired.append(f"removed empty leftover pack {n}")
+            else:
+                log.warning("empty pack %s was left by an interrupted upload; `ihb check --repair` removes it", n)
     report.stats["packs"] = len(pack_names)
     damaged: set[bytes] = set()
     if read_data:

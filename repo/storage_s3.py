@@ -41,6 +41,7 @@ Locking: ``lock()`` returns a bucket lock (``S3Lock``), see its docstring.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -507,13 +508,17 @@ class S3Storage:
     def put_bytes(self, name: str, data: bytes) -> None:
         self._check_lock()
         key = self._key(name)
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        digest = hashlib.md5(data, usedforsecurity=False).digest()
+        md5 = digest.hex()
         attempts = 0
 
         def once() -> None:
             nonlocal attempts
             attempts += 1
-            kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Key": key, "Body": data}
+            # Content-MD5: the store itself refuses a body that is not the one we sealed (a request cut
+            # short without 100-continue left a 0-byte object in SeaweedFS without it).
+            kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Key": key, "Body": data,
+                                  "ContentMD5": base64.b64encode(digest).decode()}
             if self._inm_put:
                 kw["IfNoneMatch"] = "*"
             elif attempts == 1 and self.exists(name):

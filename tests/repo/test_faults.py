@@ -215,3 +215,22 @@ def test_restore_refuses_crafted_names(tmp_path: Path, repo: Repository, bad: by
     assert (target / "d" / "good").read_bytes() == b"fine"
     assert sorted(os.listdir(tmp_path / "deep")) == ["target"]
     assert sorted(os.listdir(target / "d")) == ["good"]
+
+
+def test_empty_leftover_pack_is_not_damage(repo_path: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """A 0-byte pack the index never knew (an upload that died before its first byte; some object stores
+    keep such a PUT) holds nothing: check says so without failing, --repair removes it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(100_000))
+    ihb("backup", str(src), env=cli_env)
+    name = fmt.pack_name(fmt.PackId(os.urandom(fmt.PACK_ID_LEN)))
+    path = Path(repo_path) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    rep = json.loads(ihb("check", "--read-data", "--json", env=cli_env).stdout)
+    assert rep["ok"] and rep["stats"]["empty_leftover_packs"] == 1, rep
+    rep = json.loads(ihb("check", "--repair", "--json", env=cli_env).stdout)
+    assert rep["ok"] and not path.exists() and any("empty leftover" in r for r in rep["repaired"]), rep
+    path.write_bytes(b"x" * 10)  # a short pack with bytes in it is still damage
+    assert ihb("check", env=cli_env, check=False).returncode != 0

@@ -211,3 +211,44 @@ def test_no_secret_in_messages(seaweed: SeaweedFS, tmp_path: Path) -> None:
     p = ihb("snapshots", env={"IHB_REPO": loc}, check=False)
     assert p.returncode in (10, 74), p.stderr.decode()
     assert b"BADSECRET" not in p.stderr and b"Traceback" not in p.stderr, p.stderr.decode()
+
+
+class _CutOff(Exception):
+    pass
+
+
+def test_a_put_cut_off_after_its_headers_leaves_no_object(s3_location: str, tmp_path: Path) -> None:
+    """A process killed between a PUT's headers and its body (kill -9 during a sync or backup) must not
+    leave an object behind: SeaweedFS stored a 0-byte one unless the request carries Content-MD5."""
+    import socket
+    import urllib.parse
+
+    Repository.init(s3_location, b"pw")
+    storage = _storage(s3_location, tmp_path)
+    sent: dict[str, object] = {}
+
+    def cut_off(request: object, **_: object) -> None:
+        sent["request"] = request
+        raise _CutOff()
+
+    storage.client.meta.events.register_first("before-send.s3.PutObject", cut_off)
+    body = os.urandom(300_000)
+    with pytest.raises(_CutOff):
+        storage.put_bytes("data/cu/cutoff", body)
+    req = sent["request"]
+    url = urllib.parse.urlsplit(req.url)  # type: ignore[attr-defined]
+    head = f"PUT {url.path}{'?' + url.query if url.query else ''} HTTP/1.1\r\n"
+    head += "".join(f"{k}: {v.decode() if isinstance(v, bytes) else v}\r\n"
+                    for k, v in req.headers.items())  # type: ignore[attr-defined]
+    if "host" not in {k.lower() for k in req.headers}:  # type: ignore[attr-defined]
+        head += f"Host: {url.netloc}\r\n"
+    assert "aws-chunked" not in str(req.headers).lower()  # type: ignore[attr-defined]  # the body goes as is
+    probe = _storage(s3_location, tmp_path)
+    for sent_bytes in (0, 1, len(body) // 2, len(body) - 1):  # the process "dies" after this much body
+        with socket.create_connection((url.hostname, url.port)) as s:
+            s.sendall((head + "\r\n").encode())
+            time.sleep(0.2)
+            s.sendall(body[:sent_bytes])
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert not probe.exists("data/cu/cutoff"), f"an upload cut off after {sent_bytes} body bytes left an object"
