@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,9 +122,6 @@ class _Lock:
             os.close(self.fd)
             self.fd = -1
 
-
-#: Longest run of adjacent blobs ``get_blob_views`` reads with one pread.
-GROUP_READ = 4 * 1024 * 1024
 
 class Repository:
     def __init__(
@@ -319,45 +316,6 @@ class Repository:
     def get_blob_view(self, kind: int, blob_id: bytes) -> bytes | memoryview:
         """``get_blob`` without copying a blob stored uncompressed: a read-only view of its own buffer."""
         return self._get_blob(kind, blob_id, view=True)
-
-    def get_blob_views(self, kind: int, blob_ids: Sequence[bytes]) -> list[bytes | memoryview]:
-        """``get_blob_view`` of several blobs: one index transaction, and blobs that lie side by side in a
-        pack (an image or file written in order and read in order) read with one pread per run of up to
-        GROUP_READ bytes. Raises like ``get_blob_view`` if any blob is missing or damaged; a caller that
-        must tell which one falls back to reading them one by one."""
-        locs = self.index.get_chunks(blob_ids)
-        get_into = getattr(self.storage, "get_into", None)
-        if get_into is None or any(loc is None for loc in locs):
-            return [self.get_blob_view(kind, b) for b in blob_ids]
-        out: list[bytes | memoryview] = []
-        i, n = 0, len(locs)
-        while i < n:
-            first = locs[i]
-            assert first is not None
-            end, j = first.offset + first.length, i + 1
-            while j < n:
-                nxt = locs[j]
-                assert nxt is not None
-                if nxt.pack != first.pack or nxt.offset != end or end + nxt.length - first.offset > GROUP_READ:
-                    break
-                end, j = end + nxt.length, j + 1
-            if j == i + 1:
-                out.append(self.get_blob_view(kind, blob_ids[i]))  # alone: the one-blob path (GC moves, ...)
-                i = j
-                continue
-            view = scratch("group", end - first.offset)
-            if get_into(fmt.pack_name(first.pack), first.offset, view) != len(view):
-                raise IntegrityError(f"pack {first.pack.hex()[:16]} is shorter than the index says; run `ihb check`")
-            for k in range(i, j):
-                loc, bid = locs[k], blob_ids[k]
-                assert loc is not None
-                rel = loc.offset - first.offset
-                data = self.envelope.open_view(loc.kind, bid, view[rel : rel + loc.length], loc.raw_len)
-                if len(data) != loc.raw_len:
-                    raise IntegrityError(f"chunk {bid.hex()[:16]} has the wrong length")
-                out.append(data)
-            i = j
-        return out
 
     def _get_blob(self, kind: int, blob_id: bytes, view: bool) -> bytes | memoryview:
         loc = self.index.get_chunk(blob_id)
