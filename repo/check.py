@@ -18,7 +18,7 @@ import msgpack
 
 from . import format as fmt
 from .errors import IntegrityError
-from .pack import read_trailer
+from .pack import EmptyPack, read_trailer
 from .reader import shared_pool
 from .repository import Repository
 from .snapshot import Snapshot
@@ -113,14 +113,21 @@ def check_repository(repo: Repository, read_data: bool = False, repair: bool = F
         repo.sync_index()
         report.repaired.append("index rebuilt from packs")
     pack_names = [n for n in repo.storage.list(fmt.DATA_PREFIX) if fmt.pack_id_from_name(n)]
-    # An empty pack the index never knew holds nothing: an upload that died before its first byte (some
-    # object stores keep such a PUT as a 0-byte object). Not damage; --repair removes it.
+    # An empty pack the index never knew (pack.EmptyPack) is not damage; --repair removes it.
     known = repo.index.packs()
-    empty = [n for n in pack_names if fmt.pack_id_from_name(n) not in known and repo.storage.size(n) == 0]
+    empty: set[str] = set()
+    for n in pack_names:
+        if fmt.pack_id_from_name(n) not in known:
+            try:
+                read_trailer(repo.storage, repo.envelope, n)
+            except EmptyPack:
+                empty.add(n)
+            except IntegrityError:
+                pass  # reported below with the other packs
     if empty:
-        pack_names = [n for n in pack_names if n not in set(empty)]
+        pack_names = [n for n in pack_names if n not in empty]
         report.stats["empty_leftover_packs"] = len(empty)
-        for n in empty:
+        for n in sorted(empty):
             if repair:
                 repo.storage.delete(n)
                 report.repaired.append(f"removed empty leftover pack {n}")

@@ -98,12 +98,20 @@ class PackWriter:
                 os.unlink(self.path)
 
 
+class EmptyPack(IntegrityError):
+    """A pack object of 0 bytes: it holds nothing, so nothing can be lost with it. Left by an upload that
+    died before its first byte (some object stores keep such a PUT); `check --repair` removes one the
+    index never knew."""
+
+
 def read_trailer(storage: Storage, envelope: Envelope, name: str) -> list[tuple[bytes, BlobLoc]]:
     """Read a pack's trailer; raises IntegrityError if the pack is truncated or damaged."""
     pack_id = fmt.pack_id_from_name(name)
     if pack_id is None:
         raise IntegrityError(f"{name}: not a pack name")
     size = storage.size(name)
+    if size == 0:
+        raise EmptyPack(f"empty pack {name} left by an interrupted upload")
     if size < len(fmt.PACK_MAGIC) + fmt.PACK_FOOTER.size:
         raise IntegrityError(f"pack {name} is truncated ({size} bytes)")
     footer = storage.get(name, size - fmt.PACK_FOOTER.size, fmt.PACK_FOOTER.size)

@@ -34,7 +34,7 @@ from .errors import (
     UnsupportedFormat,
 )
 from .index import Index
-from .pack import BlobLoc, PackWriter, read_trailer
+from .pack import BlobLoc, EmptyPack, PackWriter, read_trailer
 from .sessions import Session
 from .snapshot import Snapshot
 from .storage import LocalStorage, Storage
@@ -134,6 +134,7 @@ class Repository:
         self.index = index
         self._lock = lock
         self._session: Session | None = None  # registered by the first writer(), ended by close()
+        self._index_prefetched = False  # the first writer() asks for it; the appliance makes one per upload
 
     # --- lifecycle -----------------------------------------------------------------------------------
     @staticmethod
@@ -264,11 +265,11 @@ class Repository:
             if pid not in known:
                 try:
                     entries = read_trailer(self.storage, self.envelope, name)
+                except EmptyPack as e:
+                    log.warning("ignoring %s", e)
+                    continue
                 except IntegrityError as e:
-                    if self.storage.size(name) == 0:  # nothing in it: an upload that died (see check.py)
-                        log.warning("ignoring empty pack %s left by an interrupted upload", name)
-                    else:
-                        log.error("skipping damaged pack: %s", e)
+                    log.error("skipping damaged pack: %s", e)
                     continue
                 self.index.add_pack(pid, self.storage.size(name), entries)
                 added += 1
@@ -349,7 +350,9 @@ class Repository:
         object, ended by ``close()``."""
         if session is None and self._session is None:
             self._session = Session.begin(self, "writer", f"pid {os.getpid()}")
-        self.index.prefetch()
+        if not self._index_prefetched:
+            self._index_prefetched = True
+            self.index.prefetch()
         return BlobWriter(self)
 
     # --- snapshots -----------------------------------------------------------------------------------

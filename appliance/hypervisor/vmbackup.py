@@ -74,15 +74,6 @@ log = logging.getLogger(__name__)
 #: one makes incrementals read more than was written.
 BITMAP_GRANULARITY = 64 * 1024
 
-
-def vm_chunk_size(repo: Repository) -> int:
-    """Chunk size of a VM disk's full backup (its incrementals keep it): no larger than the bitmap
-    granularity, so that an incremental stores exactly the dirty blocks. With 256 KiB chunks every
-    scattered 64 KiB change re-read, re-hashed, re-compressed and re-stored a whole chunk: 1% of a 10 GiB
-    disk changed cost 424 MB of chunk work for 102 MiB of change (bench/vm_bench.py: inside ihb
-    1.25 -> 0.66 s, stored 162 -> 105 MiB); the full backup reads through QEMU's NBD export at the same
-    speed either way."""
-    return min(repo.config.image_chunk_size, BITMAP_GRANULARITY)
 #: Prefix of every QEMU object (node, job, export) a backup run creates.
 OBJ_PREFIX = "ihb-"
 FLEECE_PREFIX = "ihb-fleece-"
@@ -92,6 +83,16 @@ STALL_ENV = "IHB_TESTONLY_VM_STALL_AFTER"
 STALL_MARKER = "IHB-TESTONLY-STALLED"
 
 ProgressFn = Callable[[dict[str, Any], str], None]
+
+
+def vm_chunk_size(repo: Repository) -> int:
+    """Chunk size of a VM disk's full backup (its incrementals keep it): no larger than the bitmap
+    granularity, so that an incremental stores exactly the dirty blocks. With 256 KiB chunks every
+    scattered 64 KiB change re-read, re-hashed, re-compressed and re-stored a whole chunk: 1% of a 10 GiB
+    disk changed cost 424 MB of chunk work for 102 MiB of change (bench/vm_bench.py: inside ihb
+    1.25 -> 0.66 s, stored 162 -> 105 MiB); the full backup reads through QEMU's NBD export at the same
+    speed either way."""
+    return min(repo.config.image_chunk_size, BITMAP_GRANULARITY)
 
 
 class VMBackupError(SourceError):
