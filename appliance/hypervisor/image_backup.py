@@ -15,9 +15,11 @@ from repo.repository import BlobWriter, Repository
 from repo.snapshot import DiskRecord
 from repo.workers import Pipeline, in_background
 
-from .sources import READ_AHEAD, DiskSource
+from .sources import READ_AHEAD, READ_UNIT, DiskSource
 
 ProgressFn = Callable[[dict[str, Any], str], None]
+# Data runs at least this long on average are read on a thread of their own (see write_runs).
+BACKGROUND_MIN_MEAN_RUN = READ_UNIT // 4
 
 
 def subtract(extents: Iterable[tuple[int, int, bool]], free: list[tuple[int, int]]) -> Iterable[tuple[int, int, bool]]:
@@ -53,9 +55,13 @@ def write_runs(iw: ImageWriter, source: DiskSource, runs: Iterable[tuple[int, in
     recorded as zeros. ``check(bytes read so far)`` runs before and after each read unit and may raise
     to stop (cancellation). Returns (bytes read, zero bytes)."""
     runs = list(runs)
-    # The source is read on a thread of its own (preads and NBD replies release the GIL) while this
-    # one merges, chunks and submits.
-    reads = in_background(source.read_many((o, ln) for o, ln, has in runs if has), READ_AHEAD)
+    data = [(o, ln) for o, ln, has in runs if has]
+    # Large reads go on a thread of their own (preads and NBD replies release the GIL) while this one
+    # merges, chunks and submits. Scattered small ones (an incremental's dirty blocks) are read here:
+    # handing each 64 KiB block over costs two thread wake-ups, more than the read it would overlap
+    # (1,638 dirty blocks: copy 0.35-0.56 -> 0.29-0.34 s, 20-25% less CPU).
+    background = bool(data) and sum(ln for _, ln in data) >= BACKGROUND_MIN_MEAN_RUN * len(data)
+    reads = in_background(source.read_many(data), READ_AHEAD) if background else iter(source.read_many(data))
     read_bytes = zero_bytes = 0
     last = 0.0
     try:
@@ -79,7 +85,9 @@ def write_runs(iw: ImageWriter, source: DiskSource, runs: Iterable[tuple[int, in
                     last = now
                     progress({"bytes": read_bytes, "files": 0, "new_bytes": writer.stats["new_bytes"]}, name)
     finally:
-        reads.close()  # stops the reader thread, also when a write or a check ends the copy early
+        close = getattr(reads, "close", None)
+        if close is not None:  # stops the reader (thread), also when a write or a check ends the copy early
+            close()
     return read_bytes, zero_bytes
 
 
