@@ -44,7 +44,8 @@ sys.path.insert(0, str(PROJECT))
 import dataset  # noqa: E402
 
 from repo.backup import BackupOptions, backup_paths  # noqa: E402
-from repo.chunker import FileChunker, data_extents  # noqa: E402
+from repo.chunker import FileChunker  # noqa: E402
+from repo.extents import data_extents  # noqa: E402
 from repo.image import ImageReader, ImageWriter  # noqa: E402
 from repo.reader import ChunkCache, ChunkSource  # noqa: E402
 from repo.repository import Repository  # noqa: E402

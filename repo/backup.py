@@ -23,8 +23,9 @@ import msgpack
 
 from . import format as fmt
 from .catalog import index_snapshot
-from .chunker import FileChunker, data_extents
+from .chunker import FileChunker
 from .errors import InvalidArgument, SourceError
+from .extents import data_extents
 from .repository import BlobWriter, Repository
 from .snapshot import Snapshot
 from .tree import TYPE_DIR, TYPE_FILE, DirBuilder, Node, pack_node

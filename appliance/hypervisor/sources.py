@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from repo.chunker import data_extents
 from repo.errors import SourceError
+from repo.extents import data_extents
 
 from .nbd import STATUS_ZERO, NBDClient, NBDError
 

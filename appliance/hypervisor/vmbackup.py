@@ -37,7 +37,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import blake3
 
 from appliance.config import data_dir
 from repo import format as fmt
@@ -717,7 +718,8 @@ class _VMLock:
     def __init__(self, vm: str) -> None:
         d = os.path.join(data_dir(), "vm-locks")
         os.makedirs(d, mode=0o700, exist_ok=True)
-        path = os.path.join(d, hashlib.sha256(vm.encode()).hexdigest()[:32] + ".lock")
+        # blake3, already loaded for chunk ids: hashlib would load OpenSSL's libcrypto at every start
+        path = os.path.join(d, blake3.blake3(vm.encode()).hexdigest()[:32] + ".lock")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
