@@ -8,6 +8,7 @@ context string, so that the id key, the encryption key and the chunker seed neve
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import threading
@@ -20,14 +21,22 @@ import zstandard
 from . import format as fmt
 from .errors import IntegrityError, InvalidArgument, WrongPassphrase
 
-try:  # optional accelerator; pycryptodome stays the reference implementation (and the fallback)
-    from cryptography.exceptions import InvalidTag as _InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
-except ImportError:  # pragma: no cover - depends on the environment
-    _AESGCM = None  # type: ignore[assignment,misc]
 
-    class _InvalidTag(Exception):  # type: ignore[no-redef]
-        pass
+class _NoInvalidTag(Exception):
+    pass
+
+
+@functools.cache
+def _openssl() -> tuple[Any, type[Exception]] | None:
+    """The optional accelerator (``cryptography``'s AESGCM and its InvalidTag), imported on first use:
+    commands that never seal or open anything (a network agent only compresses) skip its ~7 ms load."""
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return AESGCM, InvalidTag
+
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 KEYFILE_AAD = b"ihb1-keyfile"
@@ -61,7 +70,9 @@ class Aead:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
-        self._fast = _AESGCM(key) if _AESGCM is not None else None
+        ossl = _openssl()
+        self._fast = ossl[0](key) if ossl is not None else None
+        self._invalid_tag: type[Exception] = ossl[1] if ossl is not None else _NoInvalidTag
 
     def seal(self, nonce: bytes, body: bytes | memoryview, aad: bytes) -> bytes:
         """Ciphertext followed by the 16-byte tag."""
@@ -82,7 +93,7 @@ class Aead:
             try:
                 self._fast.decrypt_into(nonce, ct_tag, aad, out)
                 return
-            except _InvalidTag:
+            except self._invalid_tag:
                 raise ValueError("authentication failed") from None
         out[:] = self.open(nonce, ct_tag, aad)
 
@@ -92,7 +103,7 @@ class Aead:
         if self._fast is not None:
             try:
                 return self._fast.decrypt(nonce, ct_tag, aad)
-            except _InvalidTag:
+            except self._invalid_tag:
                 raise ValueError("authentication failed") from None
         from Crypto.Cipher import AES
 
