@@ -37,7 +37,7 @@ from repo.index import Index
 from repo.snapshot import Snapshot
 from repo.tree import TYPE_FILE, DirBuilder, Node
 
-from .client import API, Client, Transient
+from .client import API, Client, Parts, Transient
 from .errors import DumpFailed, MissingReferences, ServerRejected, ServerUnreachable
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class Uploader:
         for kind, tid, raw, body in group:
             parts.append(bytes((kind,)) + tid + raw.to_bytes(4, "little") + len(body).to_bytes(4, "little"))
             parts.append(body)
-        payload = b"".join(parts)
+        payload = Parts(parts)
         try:
             self.client.request("POST", f"{API}/sessions/{self.session}/blobs", payload, retry=False)
         except ServerRejected as e:

@@ -30,6 +30,41 @@ SEND_SLICE = 64 * 1024
 API = "/api/v1"
 
 
+class Parts:
+    """A request body of many buffers (an upload's frame headers and blob bodies), sent through one
+    reused buffer instead of joined first: a joined 32 MiB upload batch was a fresh allocation each
+    time, whose first touch costs a page fault per 4 KiB (~2.9 us each here): ~90,000 faults, 0.25 s of
+    CPU, for 512 MiB uploaded. Iterable again for each attempt; every yielded view is sent before the
+    next is made (http.client sends synchronously)."""
+
+    def __init__(self, parts: list[bytes], gather: int = 1024 * 1024) -> None:
+        self.parts = parts
+        self.size = sum(len(p) for p in parts)
+        self.gather = gather
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        buf = bytearray(self.gather)
+        view = memoryview(buf)
+        n = 0
+        for p in self.parts:
+            if n and n + len(p) > self.gather:
+                yield view[:n]
+                n = 0
+            if len(p) >= self.gather:
+                yield p
+                continue
+            buf[n : n + len(p)] = p
+            n += len(p)
+        if n:
+            yield view[:n]
+
+
+Body = bytes | Parts
+
+
 class Transient(Exception):
     """A failure worth retrying: no connection, a dropped one, or a 502/503/504."""
 
@@ -133,16 +168,18 @@ class Client:
     def close(self) -> None:
         self._drop()
 
-    def _body_iter(self, body: bytes) -> Iterator[bytes]:
-        view = memoryview(body)
-        for i in range(0, len(view), SEND_SLICE):
-            piece = view[i : i + SEND_SLICE]
-            if self.limiter is not None:
-                self.limiter.take(len(piece))
-            yield bytes(piece)
+    def _body_iter(self, body: Body) -> Iterator[bytes | memoryview]:
+        limiter = self.limiter
+        assert limiter is not None
+        for buf in (body,) if isinstance(body, bytes) else body:
+            view = memoryview(buf)
+            for i in range(0, len(view), SEND_SLICE):
+                piece = view[i : i + SEND_SLICE]
+                limiter.take(len(piece))
+                yield piece
 
     # --- requests --------------------------------------------------------------------------------------
-    def _once(self, method: str, path: str, body: bytes | None, ctype: str | None) -> tuple[int, bytes, str]:
+    def _once(self, method: str, path: str, body: Body | None, ctype: str | None) -> tuple[int, bytes, str]:
         conn = self._conn()
         headers = {**self.headers, "Authorization": f"Bearer {self.token}", "User-Agent": "ihb-agent/1"}
         if body is not None:
@@ -170,7 +207,7 @@ class Client:
             self._drop()
         return resp.status, data, resp.getheader("content-type", "")
 
-    def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+    def request(self, method: str, path: str, body: Body | None = None, ctype: str | None = None,
                 query: dict[str, str] | None = None, retry: bool = True) -> bytes:
         """Returns the body of a 2xx answer; raises the matching AgentError otherwise. With ``retry``,
         transient failures are retried until the outage lasts ``retry_for`` seconds."""
