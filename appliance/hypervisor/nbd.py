@@ -36,6 +36,12 @@ DIRTY = 1  # qemu:dirty-bitmap flag
 
 _REQ = struct.Struct(">IHHQQI")
 _SREPLY = struct.Struct(">IHHQI")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_SCHUNK = struct.Struct(">HHQI")  # a structured reply chunk's header after its magic
+#: Receive buffer; a payload remainder of DIRECT_RECV or more bypasses it.
+RECV_BUFFER = 1 << 20
+DIRECT_RECV = 256 << 10
 
 
 class NBDError(OSError):
@@ -51,24 +57,68 @@ class NBDClient:
             self.sock.connect(unix)
         else:
             self.sock = socket.create_connection((host or "127.0.0.1", port), timeout=timeout)
+        # Blocking socket with the kernel's own timeouts: Python's timeout mode polls before every
+        # recv, twice the system calls (and GIL hand-offs) of what the data needs.
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.sock.settimeout(None)
+        self._timeout = timeout
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0  # unread bytes are _rbuf[_rpos:_rend]
         self._cookie = 0
         self.contexts: dict[str, int] = {}
         self.size = 0
         self._handshake(export.encode(), [m.encode() for m in meta])
 
     # --- wire ---------------------------------------------------------------------------------------
+    def _fill(self, n: int) -> None:
+        """Have at least ``n`` (<= RECV_BUFFER) unread bytes buffered. One recv takes whatever the server
+        has sent, often several replies, so headers rarely cost a system call of their own."""
+        if self._rend - self._rpos >= n:
+            return
+        if self._rpos + n > len(self._rbuf):  # compact: the unread tail moves to the front
+            left = self._rend - self._rpos
+            self._rbuf[:left] = self._rbuf[self._rpos:self._rend]
+            self._rpos, self._rend = 0, left
+        while self._rend - self._rpos < n:
+            k = self._sock_recv_into(self._rview[self._rend:])
+            self._rend += k
+
+    def _sock_recv_into(self, view: memoryview) -> int:
+        try:
+            k = self.sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise NBDError(f"NBD server sent nothing for {self._timeout:g} s") from None
+        if k == 0:
+            raise NBDError("NBD server closed the connection")
+        return k
+
+    def _unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        self._fill(st.size)
+        v = st.unpack_from(self._rbuf, self._rpos)
+        self._rpos += st.size
+        return v
+
     def _recv(self, n: int) -> bytes:
         buf = bytearray(n)
         self._recv_into(memoryview(buf))
         return bytes(buf)
 
     def _recv_into(self, view: memoryview) -> None:
-        got, n = 0, len(view)
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise NBDError("NBD server closed the connection")
-            got += k
+        """Exactly ``len(view)`` bytes: first what is buffered, then straight from the socket for a
+        large remainder (no second copy of bulk data) or through the buffer for a small one."""
+        n = len(view)
+        got = min(n, self._rend - self._rpos)
+        view[:got] = self._rview[self._rpos:self._rpos + got]
+        self._rpos += got
+        while n - got >= DIRECT_RECV:
+            got += self._sock_recv_into(view[got:])
+        if got < n:
+            self._fill(n - got)
+            view[got:] = self._rview[self._rpos:self._rpos + n - got]
+            self._rpos += n - got
 
     def _send_opt(self, opt: int, data: bytes = b"") -> None:
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
@@ -183,12 +233,12 @@ class NBDClient:
     def _read_reply_into(self, inflight: dict[int, tuple[int, bytearray]]) -> int | None:
         """Consume one reply chunk of a read, its data received straight into the request's buffer
         (one copy, from the socket). Returns the cookie once that request is complete."""
-        magic = struct.unpack(">I", self._recv(4))[0]
+        (magic,) = self._unpack(_U32)
         if magic == SIMPLE_REPLY_MAGIC:  # only without structured replies, which we always negotiate
             raise NBDError("unexpected simple reply to a read")
         if magic != STRUCTURED_REPLY_MAGIC:
             raise NBDError("malformed NBD reply")
-        flags, rtype, cookie, length = struct.unpack(">HHQI", self._recv(16))
+        flags, rtype, cookie, length = self._unpack(_SCHUNK)
         if rtype & R_ERROR_BIT:
             payload = self._recv(length) if length else b""
             err = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else 0
@@ -199,7 +249,7 @@ class NBDClient:
         if rtype == R_OFFSET_DATA:
             if length < 8:
                 raise NBDError("malformed NBD data chunk")
-            (off,) = struct.unpack(">Q", self._recv(8))
+            (off,) = self._unpack(_U64)
             start, n = off - base, length - 8
             if start < 0 or start + n > len(buf):
                 raise NBDError("NBD data chunk outside its request")
