@@ -91,6 +91,8 @@ class NBDClient:
             k = self.sock.recv_into(view)
         except BlockingIOError:  # SO_RCVTIMEO expired
             raise NBDError(f"NBD server sent nothing for {self._timeout:g} s") from None
+        except ConnectionError as e:  # a server that dies with our requests unread resets the connection
+            raise NBDError(f"NBD server closed the connection ({e.strerror or e})") from None
         if k == 0:
             raise NBDError("NBD server closed the connection")
         return k
@@ -163,7 +165,10 @@ class NBDClient:
 
     def _request(self, cmd: int, offset: int, length: int, flags: int = 0) -> int:
         self._cookie += 1
-        self.sock.sendall(_REQ.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length))
+        try:
+            self.sock.sendall(_REQ.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length))
+        except ConnectionError as e:
+            raise NBDError(f"NBD server closed the connection ({e.strerror or e})") from None
         return self._cookie
 
     def _reply_chunk(self) -> tuple[int, int, int, bytes]:
