@@ -35,10 +35,10 @@ STATUS_HOLE, STATUS_ZERO = 1, 2  # base:allocation flags
 DIRTY = 1  # qemu:dirty-bitmap flag
 
 _REQ = struct.Struct(">IHHQQI")
-_SREPLY = struct.Struct(">IHHQI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _SCHUNK = struct.Struct(">HHQI")  # a structured reply chunk's header after its magic
+_SIMPLE = struct.Struct(">IQ")  # a simple reply's header after its magic
 #: Receive buffer; a payload remainder of DIRECT_RECV or more bypasses it.
 RECV_BUFFER = 1 << 20
 DIRECT_RECV = 256 << 10
@@ -97,6 +97,12 @@ class NBDClient:
             raise NBDError("NBD server closed the connection")
         return k
 
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except ConnectionError as e:
+            raise NBDError(f"NBD server closed the connection ({e.strerror or e})") from None
+
     def _unpack(self, st: struct.Struct) -> tuple[int, ...]:
         self._fill(st.size)
         v = st.unpack_from(self._rbuf, self._rpos)
@@ -123,7 +129,7 @@ class NBDClient:
             self._rpos += n - got
 
     def _send_opt(self, opt: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        self._send(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
 
     def _opt_reply(self, opt: int) -> tuple[int, bytes]:
         magic, ropt, rtype, length = struct.unpack(">QIII", self._recv(20))
@@ -138,7 +144,7 @@ class NBDClient:
         if self._recv(8) != NBDMAGIC or struct.unpack(">Q", self._recv(8))[0] != IHAVEOPT:
             raise NBDError("not a fixed-newstyle NBD server")
         (_flags,) = struct.unpack(">H", self._recv(2))
-        self.sock.sendall(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
+        self._send(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
         self._send_opt(OPT_STRUCTURED_REPLY)
         self._opt_reply(OPT_STRUCTURED_REPLY)
         if meta:
@@ -165,28 +171,28 @@ class NBDClient:
 
     def _request(self, cmd: int, offset: int, length: int, flags: int = 0) -> int:
         self._cookie += 1
-        try:
-            self.sock.sendall(_REQ.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length))
-        except ConnectionError as e:
-            raise NBDError(f"NBD server closed the connection ({e.strerror or e})") from None
+        self._send(_REQ.pack(REQUEST_MAGIC, flags, cmd, self._cookie, offset, length))
         return self._cookie
 
     def _reply_chunk(self) -> tuple[int, int, int, bytes]:
         """One reply chunk: (cookie, type, flags, payload); simple replies carry no payload here."""
-        magic = struct.unpack(">I", self._recv(4))[0]
+        (magic,) = self._unpack(_U32)
         if magic == STRUCTURED_REPLY_MAGIC:
-            flags, rtype, cookie, length = struct.unpack(">HHQI", self._recv(16))
-            payload = self._recv(length) if length else b""
+            flags, rtype, cookie, length = self._unpack(_SCHUNK)
             if rtype & R_ERROR_BIT:
-                err = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else 0
-                raise NBDError(f"NBD request failed with error {err}")
-            return cookie, rtype, flags, payload
+                self._raise_error_chunk(length)
+            return cookie, rtype, flags, self._recv(length) if length else b""
         if magic == SIMPLE_REPLY_MAGIC:
-            err, cookie = struct.unpack(">IQ", self._recv(12))
+            err, cookie = self._unpack(_SIMPLE)
             if err:
                 raise NBDError(f"NBD request failed with error {err}")
             return cookie, R_NONE, REPLY_FLAG_DONE, b""
         raise NBDError("malformed NBD reply")
+
+    def _raise_error_chunk(self, length: int) -> None:
+        payload = self._recv(length) if length else b""
+        err = _U32.unpack_from(payload)[0] if len(payload) >= 4 else 0
+        raise NBDError(f"NBD request failed with error {err}")
 
     # --- commands -----------------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -245,9 +251,7 @@ class NBDClient:
             raise NBDError("malformed NBD reply")
         flags, rtype, cookie, length = self._unpack(_SCHUNK)
         if rtype & R_ERROR_BIT:
-            payload = self._recv(length) if length else b""
-            err = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else 0
-            raise NBDError(f"NBD request failed with error {err}")
+            self._raise_error_chunk(length)
         if cookie not in inflight:
             raise NBDError(f"NBD reply for unknown request {cookie}")
         base, buf = inflight[cookie]
