@@ -95,9 +95,17 @@ class NBDSource:
         self.bitmap = f"qemu:dirty-bitmap:{dirty_bitmap}" if dirty_bitmap else None
         self._proc = process
         self._tmpdir = tmpdir
+        self._maps: dict[str, list[tuple[int, int, int]]] | None = None
+
+    def _map(self, context: str) -> list[tuple[int, int, int]]:
+        """One block-status pass for the allocation map and the dirty bitmap together (see
+        ``NBDClient.block_statuses``); both describe the same point in time, the fleecing snapshot."""
+        if self._maps is None:
+            self._maps = self.client.block_statuses(["base:allocation"] + ([self.bitmap] if self.bitmap else []))
+        return self._maps[context]
 
     def extents(self) -> Iterator[tuple[int, int, bool]]:
-        for off, ln, flags in self.client.block_status("base:allocation"):
+        for off, ln, flags in self._map("base:allocation"):
             yield off, ln, not flags & STATUS_ZERO
 
     def dirty_extents(self) -> Iterator[tuple[int, int]]:
@@ -105,7 +113,7 @@ class NBDSource:
         if self.bitmap is None:
             raise SourceError("no dirty bitmap was exported with this disk")
         cur: tuple[int, int] | None = None
-        for off, ln, flags in self.client.block_status(self.bitmap):
+        for off, ln, flags in self._map(self.bitmap):
             if not flags & 1:
                 continue
             if cur is not None and cur[0] + cur[1] == off:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -78,3 +79,44 @@ def test_a_server_that_dies_mid_reply_is_an_error(tmp_path: Path) -> None:
                 pass
     finally:
         src.close()
+
+
+def test_allocation_and_dirty_bitmap_come_in_one_pass(tmp_path: Path) -> None:
+    """``block_statuses`` asks once for both contexts and gets what asking per context gives: the dirty
+    bitmap's changed 64 KiB granules and the allocation map's data, zeros and holes, each covering the
+    whole disk without gaps."""
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(img), "b0"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 64k", "-c", "write -P 2 8M 200k",
+                    "-c", "write -z 20M 1M", str(img)], check=True, capture_output=True)
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--socket", sock, "--export-name", "disk",
+                             "-B", "b0", "-f", "qcow2", str(img)])
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        contexts = ["base:allocation", "qemu:dirty-bitmap:b0"]
+        client = NBDClient(unix=sock, export="disk", meta=contexts)
+        both = client.block_statuses(contexts)
+        for c in contexts:
+            assert both[c] == list(client.block_status(c)), c
+            pos = 0
+            for off, ln, _ in both[c]:
+                assert off == pos and ln > 0
+                pos += ln
+            assert pos == 64 * MiB
+        dirty = [(off, ln) for off, ln, fl in both["qemu:dirty-bitmap:b0"] if fl & nbd.DIRTY]
+        assert dirty == [(MiB, 64 << 10), (8 * MiB, 256 << 10), (20 * MiB, MiB)]
+        data = [(off, ln) for off, ln, fl in both["base:allocation"] if not fl & nbd.STATUS_ZERO]
+        assert data == [(MiB, 64 << 10), (8 * MiB, 200 << 10)]  # the zeroed MiB reads as zeros, not data
+        # a window that starts and ends inside runs is clipped to the window
+        window = client.block_statuses(contexts, 8 * MiB + 4096, 12 * MiB)
+        assert window["qemu:dirty-bitmap:b0"][0] == (8 * MiB + 4096, (256 << 10) - 4096, nbd.DIRTY)
+        assert sum(ln for _, ln, _ in window["base:allocation"]) == 12 * MiB
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait()
