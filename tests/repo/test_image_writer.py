@@ -1,12 +1,13 @@
 """ImageWriter / ImageReader against a reference bytearray: full images and incrementals over several map
-pages, partial chunks, zero ranges and chunks handed to workers in batches."""
+pages, partial chunks, zero ranges and chunks handed to workers in batches, or stored on the writing
+thread when they do not compress."""
 
 from __future__ import annotations
 
 import random
 
 from repo import format as fmt
-from repo.image import BATCH_BYTES, ImageReader, ImageWriter
+from repo.image import BATCH_BYTES, JUDGE_BYTES, ImageReader, ImageWriter
 from repo.repository import Repository
 from repo.snapshot import DiskRecord
 from repo.workers import Pipeline
@@ -15,10 +16,12 @@ CS = 4096  # small chunks: several map pages (IMAGE_MAP_PAGE entries each) in a 
 SIZE = (fmt.IMAGE_MAP_PAGE * 2 + 1000) * CS + 123  # a short last chunk too
 
 
-def _write(repo: Repository, ops: list[tuple[str, int, bytes | int]], base: DiskRecord | None) -> DiskRecord:
+def _write(repo: Repository, ops: list[tuple[str, int, bytes | int]], base: DiskRecord | None,
+           inline_incompressible: bool = False) -> DiskRecord:
     w = repo.writer()
     with Pipeline() as pipe:
         iw = ImageWriter(repo, w, pipe, "vda", SIZE, base=base, chunk_size=None if base else CS)
+        iw.inline_incompressible = inline_incompressible
         for op, off, arg in ops:
             if op == "w":
                 assert isinstance(arg, bytes)
@@ -80,3 +83,27 @@ def test_full_then_incremental_round_trip(repo: Repository) -> None:
     _check(repo, inc, ref, rnd)
     # the base restore point is untouched
     assert ImageReader(repo, full).read(0, SIZE) != bytes(ref)
+
+
+def test_incompressible_changes_are_stored_on_the_writing_thread(repo: Repository) -> None:
+    """Scattered changes (``inline_incompressible``, as an incremental sets it): random blocks are sealed
+    inline once the first batches showed they do not compress; text keeps going to the workers. Both
+    read back exactly."""
+    rnd = random.Random(11)
+    ref = bytearray(SIZE)
+    full = _write(repo, [], None)
+    for kind in ("random", "text"):
+        ops: list[tuple[str, int, bytes | int]] = []
+        for blk in sorted(rnd.sample(range(SIZE // CS), 2000)):
+            data = rnd.randbytes(CS) if kind == "random" else (rnd.randbytes(8).hex().encode() * CS)[:CS]
+            ops.append(("w", blk * CS, data))
+            ref[blk * CS : blk * CS + CS] = data
+        inc = _write(repo, ops, full, inline_incompressible=True)
+        st = inc.stats
+        assert st["batches"] >= st["data_chunks"] * CS // BATCH_BYTES >= 7
+        if kind == "random":
+            assert st["inline_batches"] == st["batches"], st
+        else:  # judged on the first JUDGE_BYTES (at most one more batch: a page's end submits a short one)
+            assert 1 <= st["inline_batches"] <= JUDGE_BYTES // BATCH_BYTES + 1 < st["batches"], st
+        _check(repo, inc, ref, rnd)
+        full = inc
