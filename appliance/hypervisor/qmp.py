@@ -100,7 +100,8 @@ def _connect_unix(path: str, deadline: float, alive: Callable[[], bool] | None) 
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             if alive is not None and not alive():
-                raise QMPConnectionError(f"{path}: the process serving it has exited") from exc
+                why = "no such socket" if isinstance(exc, FileNotFoundError) else "connection refused"
+                raise QMPConnectionError(f"{path}: {why}; the QEMU process that would serve it is not running") from exc
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"timed out connecting to {path}") from exc
             time.sleep(0.02)

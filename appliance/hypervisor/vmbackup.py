@@ -892,7 +892,7 @@ def backup_vm(repo: Repository, qmp_path: str, vm: str | None = None, opts: VMBa
         raise VMBackupError(f"cannot talk to QEMU at {qmp_path}: no QMP greeting (does another client hold "
                             "the monitor? give ihb a QMP socket of its own: -qmp unix:PATH,server=on,wait=off)") from None
     except (QMPConnectionError, OSError) as e:
-        raise VMBackupError(f"cannot talk to QEMU at {qmp_path}: {e}") from None
+        raise VMBackupError(f"cannot talk to QEMU at {qmp_path}: {str(e).removeprefix(qmp_path + ': ')}") from None
     try:
         qv = QemuVM(qmp)
         if vm is None:

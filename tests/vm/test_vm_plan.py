@@ -15,6 +15,7 @@ from appliance.hypervisor.vmbackup import (
     targets_in_dir,
 )
 from repo.snapshot import DiskRecord, Snapshot
+from tests.util import ihb
 
 P = "ihb-0123abcd-"
 SIZE = 64 << 20
@@ -107,3 +108,23 @@ def test_targets_in_dir(tmp_path: Path) -> None:
         ("a", "a.qmp", "a.qga"), ("b", "b.sock", None)]
     for s in socks:
         s.close()
+
+
+def test_a_vm_that_is_not_running_is_one_clear_line(tmp_path: Path) -> None:
+    """No socket, or a socket nobody listens on: exit code 31, one line that says which, no traceback,
+    and at once (no waiting for a QEMU that is not coming)."""
+    env = {"IHB_REPO": str(tmp_path / "repo"), "IHB_PASSPHRASE": "pw", "IHB_CACHE_DIR": str(tmp_path / "cache"),
+           "IHB_DATA_DIR": str(tmp_path / "data"), "IHB_CONFIG_DIR": str(tmp_path / "etc")}
+    ihb("init", env=env)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.qmp"))  # bound, never listening: connect() is refused
+    try:
+        for name, why in (("missing.qmp", "no such socket"), ("dead.qmp", "connection refused")):
+            path = str(tmp_path / name)
+            p = ihb("vm", "backup", "--qmp", path, "--vm", "web1", env=env, check=False, timeout=30)
+            err = p.stderr.decode()
+            assert p.returncode == 31, err
+            assert err.strip().splitlines() == [
+                f"ihb: error: cannot talk to QEMU at {path}: {why}; the QEMU process that would serve it is not running"]
+    finally:
+        dead.close()
