@@ -54,7 +54,7 @@ import msgpack
 from .pack import BlobLoc
 
 _DBS = (b"chunks", b"packs", b"snapshots", b"files", b"catalog", b"meta",
-        b"cat_pathkey", b"cat_paths", b"cat_names", b"cat_rnames", b"cat_runs", b"condemned", b"gc")
+        b"cat_pathkey", b"cat_paths", b"cat_names", b"cat_rnames", b"cat_runs", b"condemned", b"gc", b"packdirs")
 _DUPFIXED = frozenset({b"cat_names"})  # sorted duplicate values of one fixed size (postings)
 INDEX_VERSION = b"1"
 
@@ -166,6 +166,34 @@ class Index:
     def packs(self) -> dict[bytes, tuple[int, int]]:
         with self.env.begin(db=self.db["packs"]) as txn:
             return {bytes(k): tuple(msgpack.unpackb(v)) for k, v in txn.cursor()}  # type: ignore[misc]
+
+    def packs_with_prefix(self, first_byte: int) -> set[bytes]:
+        """The packs whose id starts with this byte: the ones stored in one pack directory."""
+        out: set[bytes] = set()
+        with self.env.begin(db=self.db["packs"]) as txn:
+            cur = txn.cursor()
+            if cur.set_range(bytes((first_byte,))):
+                for k in cur.iternext(values=False):
+                    if k[0] != first_byte:
+                        break
+                    out.add(bytes(k))
+        return out
+
+    # --- pack directory signatures (Repository.sync_index) ------------------------------------------
+    def pack_dir_states(self) -> dict[str, tuple[int, int, bool]]:
+        """Per pack directory: (its mtime in ns, when we first saw that mtime, whether a listing that
+        started at least ``RACY_NS`` later agreed with the index). See Repository._sync_pack_dirs."""
+        with self.env.begin(db=self.db["packdirs"]) as txn:
+            return {bytes(k).decode(): tuple(msgpack.unpackb(v)) for k, v in txn.cursor()}  # type: ignore[misc]
+
+    def put_pack_dir_states(self, states: dict[str, tuple[int, int, bool] | None]) -> None:
+        """One transaction (one fsync) for every directory listed; None forgets a directory."""
+        with self._wlock, self.env.begin(write=True) as txn:
+            for name, state in states.items():
+                if state is None:
+                    txn.delete(name.encode(), db=self.db["packdirs"])
+                else:
+                    txn.put(name.encode(), msgpack.packb(list(state)), db=self.db["packdirs"])
 
     # --- snapshots ----------------------------------------------------------------------------------
     def put_snapshot(self, snap_id: str, record: bytes) -> None:
@@ -287,6 +315,9 @@ class Index:
 
     # --- whole-index maintenance --------------------------------------------------------------------
     def clear(self, names: Iterable[str]) -> None:
+        names = set(names)
+        if "packs" in names:
+            names.add("packdirs")  # what the directory signatures vouched for is gone
         with self._wlock, self.env.begin(write=True) as txn:
             for n in names:
                 txn.drop(self.db[n], delete=False)

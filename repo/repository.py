@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -254,27 +254,11 @@ class Repository:
     def sync_index(self) -> tuple[int, int]:
         """Bring the index in line with storage: enter packs and snapshots it does not know (written by a
         crashed or concurrent writer, or by another appliance), forget ones that are gone."""
-        known = self.index.packs()
-        on_disk: set[bytes] = set()
-        added = 0
-        for name in self.storage.list(fmt.DATA_PREFIX):
-            pid = fmt.pack_id_from_name(name)
-            if pid is None:
-                continue
-            on_disk.add(pid)
-            if pid not in known:
-                try:
-                    entries = read_trailer(self.storage, self.envelope, name)
-                except EmptyPack as e:
-                    log.warning("ignoring %s", e)
-                    continue
-                except IntegrityError as e:
-                    log.error("skipping damaged pack: %s", e)
-                    continue
-                self.index.add_pack(pid, self.storage.size(name), entries)
-                added += 1
-        for pid in set(known) - on_disk:
-            self.index.remove_pack(pid)
+        subdirs = getattr(self.storage, "subdirs", None)
+        if subdirs is None:  # object stores: list every pack
+            added, removed = self._sync_packs(self.storage.list(fmt.DATA_PREFIX), set(self.index.packs()))
+        else:
+            added, removed = self._sync_pack_dirs(subdirs(fmt.DATA_PREFIX))
         snaps_known = {sid for sid, _ in self.index.snapshot_records()}
         snaps_disk = set()
         for name in self.storage.list(fmt.SNAPSHOT_PREFIX):
@@ -290,7 +274,62 @@ class Repository:
                 added += 1
         for sid in snaps_known - snaps_disk:
             self.index.delete_snapshot(sid)
-        return added, len(set(known) - on_disk) + len(snaps_known - snaps_disk)
+        return added, removed + len(snaps_known - snaps_disk)
+
+    def _sync_packs(self, names: Iterable[str], known: set[bytes]) -> tuple[int, int]:
+        """Index the packs among ``names`` that ``known`` lacks; forget the known ones not among them."""
+        on_disk: set[bytes] = set()
+        added = 0
+        for name in names:
+            pid = fmt.pack_id_from_name(name)
+            if pid is None:
+                continue
+            on_disk.add(pid)
+            if pid not in known:
+                try:
+                    entries = read_trailer(self.storage, self.envelope, name)
+                except EmptyPack as e:
+                    log.warning("ignoring %s", e)
+                    continue
+                except IntegrityError as e:
+                    log.error("skipping damaged pack: %s", e)
+                    continue
+                self.index.add_pack(pid, self.storage.size(name), entries)
+                added += 1
+        for pid in known - on_disk:
+            self.index.remove_pack(pid)
+        return added, len(known - on_disk)
+
+    def _sync_pack_dirs(self, mtimes: dict[str, int]) -> tuple[int, int]:
+        """Local storage: list only the pack directories whose mtime changed since a listing that is
+        known complete, instead of every pack at every open (O(packs): seconds for a repository of
+        hundreds of thousands). A directory's mtime changes whenever a pack is linked in or deleted,
+        but only at the clock's granularity: a listing vouches for an mtime only if it started at
+        least RACY_NS after we first saw that mtime (so a later change falls in a later tick and
+        shows), both instants on our own clock (a file server's clock may be skewed)."""
+        added = removed = 0
+        states = self.index.pack_dir_states()
+        updates: dict[str, tuple[int, int, bool] | None] = {}
+        for byte in range(256):
+            d = f"{byte:02x}"
+            mtime, state = mtimes.get(d), states.get(d)
+            if mtime is not None and state is not None and state[0] == mtime and state[2]:
+                continue
+            if mtime is None and state is None and not self.index.packs_with_prefix(byte):
+                continue  # no such directory, and nothing indexed in it
+            now = time.time_ns()
+            names = list(self.storage.list(f"{fmt.DATA_PREFIX}{d}/")) if mtime is not None else []
+            a, r = self._sync_packs(names, self.index.packs_with_prefix(byte))
+            added, removed = added + a, removed + r
+            if mtime is None:
+                updates[d] = None
+            elif state is not None and state[0] == mtime:
+                updates[d] = (mtime, state[1], now - state[1] >= RACY_NS)
+            else:
+                updates[d] = (mtime, now, False)
+        if updates:
+            self.index.put_pack_dir_states(updates)
+        return added, removed
 
     # --- blobs ---------------------------------------------------------------------------------------
     def chunk_id(self, data: bytes | memoryview) -> fmt.ChunkId:
@@ -400,6 +439,10 @@ class Repository:
     def delete_snapshot(self, sid: str) -> None:
         self.storage.delete(fmt.SNAPSHOT_PREFIX + sid)
         self.index.delete_snapshot(sid)
+
+
+#: See Repository._sync_pack_dirs: far above any file system's timestamp granularity.
+RACY_NS = 2_000_000_000
 
 
 def lmdb_errors() -> tuple[type[BaseException], ...]:

@@ -203,6 +203,16 @@ class LocalStorage:
             for fn in sorted(filenames):
                 yield fn if rel == "." else f"{rel}/{fn}"
 
+    def subdirs(self, prefix: str) -> dict[str, int]:
+        """The directories directly under ``prefix`` with their mtimes in ns (Repository.sync_index
+        lists only the ones that changed)."""
+        base = self._path(prefix.rstrip("/"))
+        try:
+            with os.scandir(base) as it:
+                return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in it if e.is_dir(follow_symlinks=False)}
+        except FileNotFoundError:
+            return {}
+
     def delete(self, name: str) -> None:
         with self._fd_lock:
             fd = self._fds.pop(name, None)
