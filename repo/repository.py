@@ -256,7 +256,8 @@ class Repository:
         crashed or concurrent writer, or by another appliance), forget ones that are gone."""
         subdirs = getattr(self.storage, "subdirs", None)
         if subdirs is None:  # object stores: list every pack
-            added, removed = self._sync_packs(self.storage.list(fmt.DATA_PREFIX), set(self.index.packs()))
+            known = set(self.index.packs())  # before the listing (see _sync_pack_dirs)
+            added, removed = self._sync_packs(self.storage.list(fmt.DATA_PREFIX), known)
         else:
             added, removed = self._sync_pack_dirs(subdirs(fmt.DATA_PREFIX))
         snaps_known = {sid for sid, _ in self.index.snapshot_records()}
@@ -288,13 +289,16 @@ class Repository:
             if pid not in known:
                 try:
                     entries = read_trailer(self.storage, self.envelope, name)
+                    size = self.storage.size(name)
                 except EmptyPack as e:
                     log.warning("ignoring %s", e)
                     continue
                 except IntegrityError as e:
                     log.error("skipping damaged pack: %s", e)
                     continue
-                self.index.add_pack(pid, self.storage.size(name), entries)
+                except FileNotFoundError:  # deleted since the listing (GC of an unindexed leftover)
+                    continue
+                self.index.add_pack(pid, size, entries)
                 added += 1
         for pid in known - on_disk:
             self.index.remove_pack(pid)
@@ -318,8 +322,10 @@ class Repository:
             if mtime is None and state is None and not self.index.packs_with_prefix(byte):
                 continue  # no such directory, and nothing indexed in it
             now = time.time_ns()
+            known = self.index.packs_with_prefix(byte)  # before the listing, as in sync_index: a pack that
+            # GC deletes and forgets in between must not come back into the index from a stale listing
             names = list(self.storage.list(f"{fmt.DATA_PREFIX}{d}/")) if mtime is not None else []
-            a, r = self._sync_packs(names, self.index.packs_with_prefix(byte))
+            a, r = self._sync_packs(names, known)
             added, removed = added + a, removed + r
             if mtime is None:
                 updates[d] = None
