@@ -184,7 +184,14 @@ class Index:
         """Per pack directory: (its mtime in ns, when we first saw that mtime, whether a listing that
         started at least ``RACY_NS`` later agreed with the index). See Repository._sync_pack_dirs."""
         with self.env.begin(db=self.db["packdirs"]) as txn:
-            return {bytes(k).decode(): tuple(msgpack.unpackb(v)) for k, v in txn.cursor()}  # type: ignore[misc]
+            rows = {bytes(k).decode(): tuple(msgpack.unpackb(v)) for k, v in txn.cursor()}
+        return {k: v for k, v in rows.items() if len(k) == 2}  # type: ignore[misc]
+
+    def last_full_listing(self) -> int:
+        """When every pack directory was last listed (ns; 0: never). Kept beside the directory rows."""
+        with self.env.begin(db=self.db["packdirs"]) as txn:
+            v = txn.get(b"full")
+        return int(msgpack.unpackb(v)[1]) if v is not None else 0
 
     def put_pack_dir_states(self, states: dict[str, tuple[int, int, bool] | None]) -> None:
         """One transaction (one fsync) for every directory listed; None forgets a directory."""

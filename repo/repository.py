@@ -314,6 +314,11 @@ class Repository:
         added = removed = 0
         states = self.index.pack_dir_states()
         updates: dict[str, tuple[int, int, bool] | None] = {}
+        # A safety net for file systems that do not keep directory mtimes (some FUSE object-store
+        # mounts): everything is listed again at least every FULL_LISTING_NS.
+        if time.time_ns() - self.index.last_full_listing() >= FULL_LISTING_NS:
+            states = {}
+            updates["full"] = (0, time.time_ns(), True)
         for byte in range(256):
             d = f"{byte:02x}"
             mtime, state = mtimes.get(d), states.get(d)
@@ -449,6 +454,8 @@ class Repository:
 
 #: See Repository._sync_pack_dirs: far above any file system's timestamp granularity.
 RACY_NS = 2_000_000_000
+#: ... and every pack directory is listed again after this long whatever its mtime says.
+FULL_LISTING_NS = 3600 * 1_000_000_000
 
 
 def lmdb_errors() -> tuple[type[BaseException], ...]:

@@ -94,3 +94,26 @@ def test_a_change_within_the_same_mtime_tick_is_not_missed(repo_path: str, tmp_p
         os.utime(d, ns=(states[pid.hex()[:2]][0], states[pid.hex()[:2]][0]))
     with _open(repo_path, mine) as r:
         assert new <= set(r.index.packs())
+
+
+def test_everything_is_listed_again_after_an_hour_whatever_the_mtimes_say(repo_path: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system that does not keep directory mtimes, a pack deleted behind the index is forgotten
+    at the first open after FULL_LISTING_NS."""
+    mine = tmp_path / "mine"
+    _write_elsewhere(repo_path, tmp_path / "other", 10)
+    monkeypatch.setattr(repository, "RACY_NS", 0)
+    for _ in range(2):  # the second open makes every listing trusted
+        with _open(repo_path, mine) as r:
+            pass
+    gone = sorted(_packs_on_disk(repo_path))[0]
+    d = os.path.dirname(os.path.join(repo_path, fmt.pack_name(gone)))
+    mtime = os.stat(d).st_mtime_ns
+    os.unlink(os.path.join(repo_path, fmt.pack_name(gone)))
+    os.utime(d, ns=(mtime, mtime))  # as if the file system had not noticed
+    with _open(repo_path, mine) as r:
+        assert gone in r.index.packs()  # trusted: not listed
+    monkeypatch.setattr(repository, "FULL_LISTING_NS", 0)
+    with _open(repo_path, mine) as r:
+        assert gone not in r.index.packs()
+        assert set(r.index.packs()) == _packs_on_disk(repo_path)
