@@ -57,6 +57,7 @@ _DBS = (b"chunks", b"packs", b"snapshots", b"files", b"catalog", b"meta",
         b"cat_pathkey", b"cat_paths", b"cat_names", b"cat_rnames", b"cat_runs", b"condemned", b"gc", b"packdirs")
 _DUPFIXED = frozenset({b"cat_names"})  # sorted duplicate values of one fixed size (postings)
 INDEX_VERSION = b"1"
+_FULL_LISTING = b"full"  # packdirs row: when every pack directory was last listed
 
 
 class Index:
@@ -184,23 +185,28 @@ class Index:
         """Per pack directory: (its mtime in ns, when we first saw that mtime, whether a listing that
         started at least ``RACY_NS`` later agreed with the index). See Repository._sync_pack_dirs."""
         with self.env.begin(db=self.db["packdirs"]) as txn:
-            rows = {bytes(k).decode(): tuple(msgpack.unpackb(v)) for k, v in txn.cursor()}
-        return {k: v for k, v in rows.items() if len(k) == 2}  # type: ignore[misc]
+            return {bytes(k).decode(): tuple(msgpack.unpackb(v))  # type: ignore[misc]
+                    for k, v in txn.cursor() if bytes(k) != _FULL_LISTING}
 
     def last_full_listing(self) -> int:
-        """When every pack directory was last listed (ns; 0: never). Kept beside the directory rows."""
+        """When every pack directory was last listed (ns; 0: never)."""
         with self.env.begin(db=self.db["packdirs"]) as txn:
-            v = txn.get(b"full")
-        return int(msgpack.unpackb(v)[1]) if v is not None else 0
+            v = txn.get(_FULL_LISTING)
+        return int(msgpack.unpackb(v)) if v is not None else 0
 
-    def put_pack_dir_states(self, states: dict[str, tuple[int, int, bool] | None]) -> None:
-        """One transaction (one fsync) for every directory listed; None forgets a directory."""
+    def put_pack_dir_states(self, states: dict[str, tuple[int, int, bool] | None],
+                            full_listing: int | None = None) -> None:
+        """One transaction (one fsync) for every directory listed; None forgets a directory.
+        ``full_listing``: every directory was listed, starting at that time (ns)."""
         with self._wlock, self.env.begin(write=True) as txn:
+            db = self.db["packdirs"]
             for name, state in states.items():
                 if state is None:
-                    txn.delete(name.encode(), db=self.db["packdirs"])
+                    txn.delete(name.encode(), db=db)
                 else:
-                    txn.put(name.encode(), msgpack.packb(list(state)), db=self.db["packdirs"])
+                    txn.put(name.encode(), msgpack.packb(list(state)), db=db)
+            if full_listing is not None:
+                txn.put(_FULL_LISTING, msgpack.packb(full_listing), db=db)
 
     # --- snapshots ----------------------------------------------------------------------------------
     def put_snapshot(self, snap_id: str, record: bytes) -> None:

@@ -315,20 +315,19 @@ class Repository:
         states = self.index.pack_dir_states()
         updates: dict[str, tuple[int, int, bool] | None] = {}
         # A safety net for file systems that do not keep directory mtimes (some FUSE object-store
-        # mounts): everything is listed again at least every FULL_LISTING_NS.
-        if time.time_ns() - self.index.last_full_listing() >= FULL_LISTING_NS:
-            states = {}
-            updates["full"] = (0, time.time_ns(), True)
+        # mounts): every directory is listed again at least every FULL_LISTING_NS.
+        start = time.time_ns()
+        full = start - self.index.last_full_listing() >= FULL_LISTING_NS
         for byte in range(256):
             d = f"{byte:02x}"
             mtime, state = mtimes.get(d), states.get(d)
-            if mtime is not None and state is not None and state[0] == mtime and state[2]:
+            if not full and mtime is not None and state is not None and state[0] == mtime and state[2]:
                 continue
-            if mtime is None and state is None and not self.index.packs_with_prefix(byte):
-                continue  # no such directory, and nothing indexed in it
             now = time.time_ns()
             known = self.index.packs_with_prefix(byte)  # before the listing, as in sync_index: a pack that
             # GC deletes and forgets in between must not come back into the index from a stale listing
+            if mtime is None and state is None and not known:
+                continue  # no such directory, and nothing indexed in it
             names = list(self.storage.list(f"{fmt.DATA_PREFIX}{d}/")) if mtime is not None else []
             a, r = self._sync_packs(names, known)
             added, removed = added + a, removed + r
@@ -338,8 +337,8 @@ class Repository:
                 updates[d] = (mtime, state[1], now - state[1] >= RACY_NS)
             else:
                 updates[d] = (mtime, now, False)
-        if updates:
-            self.index.put_pack_dir_states(updates)
+        if updates or full:
+            self.index.put_pack_dir_states(updates, full_listing=start if full else None)
         return added, removed
 
     # --- blobs ---------------------------------------------------------------------------------------
