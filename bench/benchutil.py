@@ -27,3 +27,12 @@ def byte_compile() -> None:
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "compileall", "-q", "repo", "fusefs", "appliance"], cwd=root,
                    check=True, stdout=subprocess.DEVNULL)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far (every process and the kernel's own threads,
+    from /proc/stat: user, nice, system, irq, softirq; not idle, iowait or the host's steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")

@@ -5,7 +5,9 @@ mount, page cache dropped: the repository comes from disk), with the repository 
 fresh mount, so this measures FUSE + decryption + decompression, comparable with the ceiling) and
 warm (read again through the same mount); 4 KiB random-read latency on the image, cold
 (p50/p99, what a VM booting from the mount sees); `find | wc -l` over a 100,000-file tree; and the
-ceiling (bench/fuse_ceiling.py) mounted with ihb's options. Prints a markdown table.
+ceiling (bench/fuse_ceiling.py) mounted with ihb's options. Prints a markdown table, the CPU each read
+cost the whole machine, and the bound this machine puts on any mount of an encrypted repository
+(``machine_bounds``: the ceiling's CPU per GB plus decryption and page-cache copies, the disk's rate).
 
 For ihb the image is an image restore point (vms/VM/TIME/disk0.raw, fixed 256 KiB chunks, or
 --image-chunk-size: 65536 is what `ihb vm backup` stores); borg
@@ -37,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchutil import byte_compile, drop_caches  # noqa: E402
+from benchutil import busy_cpu_seconds, byte_compile, drop_caches  # noqa: E402
 
 from fusefs.mount import mount_entry  # noqa: E402
 
@@ -47,11 +49,13 @@ Row = dict[str, Any]
 
 
 # --- measurements ---------------------------------------------------------------------------------------
-def seq_read(path: Path) -> float:
-    """MB/s reading the whole file with 1 MiB reads."""
+def seq_read(path: Path) -> tuple[float, float]:
+    """MB/s reading the whole file with 1 MiB reads, and what it cost the whole machine in CPU seconds
+    per GB (the reader, the filesystem's process and the kernel: all of it competes for the same cores)."""
     buf = bytearray(MiB)
     mv = memoryview(buf)
     total = 0
+    c0 = busy_cpu_seconds()
     t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -59,7 +63,8 @@ def seq_read(path: Path) -> float:
             if not n:
                 break
             total += n
-    return total / (time.perf_counter() - t0) / 1e6
+    dt = time.perf_counter() - t0
+    return total / dt / 1e6, (busy_cpu_seconds() - c0) / (total / 1e9)
 
 
 def random_latency(path: Path, count: int, seed: int = 1) -> tuple[float, float]:
@@ -97,6 +102,65 @@ def find_count(path: Path) -> tuple[float, int]:
     t0 = time.perf_counter()
     out = subprocess.run(f"find '{path}' | wc -l", shell=True, capture_output=True, text=True, check=True).stdout
     return time.perf_counter() - t0, int(out.strip())
+
+
+def machine_bounds(repo: Path, ceiling: Row) -> Row:
+    """What any filesystem serving this repository's bytes could reach on this machine, measured here.
+
+    A read through a mount of an encrypted repository costs at least what the no-work ceiling costs per
+    GB (FUSE, the kernel, the reader: measured machine-wide during its reads), plus decrypting
+    (AES-256-GCM with the repository's own code, one thread) and copying the packs out of the page cache;
+    cold, the packs also come from the disk. With every core busy all the time, that bounds the rate.
+    """
+    from repo.crypto import Aead
+
+    packs = sorted(p for p in (repo / "data").rglob("*") if p.is_file())
+    buf = bytearray(MiB)
+    mv = memoryview(buf)
+
+    def read_all() -> tuple[int, float, float]:
+        total, c0, t0 = 0, time.thread_time(), time.perf_counter()
+        for p in packs:
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(mv):
+                    total += n
+        return total, time.perf_counter() - t0, time.thread_time() - c0
+
+    drop_caches()
+    total, dt, _ = read_all()
+    disk = total / dt / 1e6
+    total, _, cpu = read_all()
+    copy = cpu / (total / 1e9)
+    blob = 256 * 1024
+    aead, nonce = Aead(os.urandom(32)), os.urandom(12)
+    sealed = aead.seal(nonce, os.urandom(blob), b"aad")
+    out = memoryview(bytearray(blob))
+    c0 = time.thread_time()
+    for _ in range(4096):  # 1 GiB
+        aead.open_into(nonce, sealed, b"aad", out)
+    decrypt = (time.thread_time() - c0) / (4096 * blob / 1e9)
+    cores = os.cpu_count() or 1
+    r: Row = {"disk": disk, "copy_cpu": copy, "decrypt_cpu": decrypt, "cores": cores}
+    for what in ("image", "file"):
+        need = ceiling[f"{what}_hot_cpu"] + copy + decrypt
+        r[f"{what}_need_cpu"] = need
+        r[f"{what}_hot"] = min(ceiling[f"{what}_hot"], cores / need * 1000)
+        r[f"{what}_cold"] = min(r[f"{what}_hot"], disk)
+    return r
+
+
+def bounds_text(b: Row, ceiling: Row) -> str:
+    lines = [f"Bound on this machine ({b['cores']} cores), measured in this run: a read through any mount of an "
+             f"encrypted repository costs at least the ceiling's CPU per GB plus decrypting "
+             f"({b['decrypt_cpu']:.2f} CPU-s/GB, AES-256-GCM, one thread) plus copying the packs out of the page "
+             f"cache ({b['copy_cpu']:.2f}); cold, the disk streams the packs at {b['disk']:.0f} MB/s."]
+    for what in ("image", "file"):
+        lines.append(f"- {what}: ceiling {ceiling[f'{what}_hot_cpu']:.2f} + {b['copy_cpu']:.2f} + {b['decrypt_cpu']:.2f} = "
+                     f"{b[f'{what}_need_cpu']:.2f} CPU-s/GB -> at most {b[f'{what}_hot']:.0f} MB/s with the repository "
+                     f"cached ({100 * b[f'{what}_hot'] / ceiling[f'{what}_hot']:.0f}% of the ceiling), "
+                     f"{b[f'{what}_cold']:.0f} MB/s cold ({100 * b[f'{what}_cold'] / ceiling[f'{what}_cold']:.0f}%); "
+                     "target 70%.")
+    return "\n".join(lines)
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -336,12 +400,12 @@ def measure(tool: Tool, random_reads: int, log: Callable[[str], None]) -> Row:
     for what in ("image", "file"):
         with tool.mounted():
             drop_caches()
-            r[f"{what}_cold"] = seq_read(p[what])
-            r[f"{what}_warm"] = seq_read(p[what])
+            r[f"{what}_cold"], r[f"{what}_cold_cpu"] = seq_read(p[what])
+            r[f"{what}_warm"], _ = seq_read(p[what])
         with tool.mounted():
             drop_caches()
             prewarm(tool.work, tool.mp)
-            r[f"{what}_hot"] = seq_read(p[what])
+            r[f"{what}_hot"], r[f"{what}_hot_cpu"] = seq_read(p[what])
         log(f"{tool.name}: {what} cold {r[f'{what}_cold']:.0f} MB/s, repository cached {r[f'{what}_hot']:.0f} MB/s, "
             f"warm {r[f'{what}_warm']:.0f} MB/s")
     if "tree" in p:
@@ -373,6 +437,8 @@ def table(results: dict[str, Row], setup: dict[str, dict[str, float]], size_mib:
         ("sequential read, file, cold (MB/s)", "file_cold", "{:.0f}", True),
         ("sequential read, file, fresh mount, repository in page cache (MB/s)", "file_hot", "{:.0f}", True),
         ("sequential read, file, warm (MB/s)", "file_warm", "{:.0f}", True),
+        ("machine CPU per GB read, image, repository in page cache (CPU-s)", "image_hot_cpu", "{:.2f}", False),
+        ("machine CPU per GB read, file, repository in page cache (CPU-s)", "file_hot_cpu", "{:.2f}", False),
         ("4 KiB random read, cold, p50 (ms)", "rand_p50", "{:.2f}", False),
         ("4 KiB random read, cold, p99 (ms)", "rand_p99", "{:.2f}", False),
         (f"`find | wc -l`, {files:,} files, cold (s)", "find_cold", "{:.2f}", False),
@@ -417,6 +483,7 @@ def main() -> None:
     classes = {"ihb": Ihb, "borg": Borg, "restic": Restic, "ceiling": Ceiling}
     results: dict[str, Row] = {}
     setup: dict[str, dict[str, float]] = {}
+    bounds: Row = {}
     for name in args.tools.split(","):
         if name == "borg" and shutil.which("borg") is None or name == "restic" and shutil.which("restic") is None:
             log(f"{name} is not installed; skipped")
@@ -429,9 +496,14 @@ def main() -> None:
             log(f"{name}: backing up")
             setup[name] = tool.setup()
         results[name] = measure(tool, args.random_reads, log)
+        if name == "ihb" and "ceiling" in results:  # before the repository is removed below
+            bounds = machine_bounds(tool.work / "repo", results["ceiling"])
         if not args.keep:
             shutil.rmtree(tool.work, ignore_errors=True)
     print(table(results, setup, args.size_mib, args.files))
+    if bounds:
+        print()
+        print(bounds_text(bounds, results["ceiling"]))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
