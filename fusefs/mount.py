@@ -210,6 +210,20 @@ def advise_index(repo: Repository) -> None:
         os.close(fd)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep what the mount frees: decrypted chunks (256 KiB and up) then come from
+    and return to its heap, instead of fresh mmaps or trimmed pages that each cost a page fault and a
+    page clear on reuse (~8% of a sequential read's CPU). What is kept is bounded by the chunk cache."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest value glibc takes
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
 def serve(repo: Repository, mountpoint: str, opts: MountOptions, snapshot_id: str | None = None,
           notify: Callable[[str | None], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled; unmounts on every way out."""
@@ -218,6 +232,7 @@ def serve(repo: Repository, mountpoint: str, opts: MountOptions, snapshot_id: st
     # default thresholds the cyclic GC rescans them all the time (half the time of listing 100,000 files).
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    keep_freed_memory()
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where is every thread?
     advise_index(repo)
