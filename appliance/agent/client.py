@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from appliance.server.tls import fingerprint_der, normalize_fingerprint
+from appliance.units import parse_size
 from repo.errors import InvalidArgument, TicketRefused
 
 from .errors import AuthFailed, CertificateMismatch, ServerRejected, ServerUnreachable
@@ -89,15 +90,11 @@ class RateLimiter:
 
 def parse_rate(value: str) -> float:
     """``500K``, ``10M``, ``1.5G`` (bytes per second, binary multiples) or a plain number."""
-    v = value.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
-    try:
-        rate = float(v[:-1] if v[-1:] in "KMG" else v) * mult
-    except ValueError:
-        raise InvalidArgument(f"bandwidth limit {value!r}: use a number with K, M or G (bytes per second)") from None
+    v = value.strip()
+    rate = parse_size(v[:-2] if v.lower().endswith("/s") else v, "bandwidth limit")
     if rate < 1024:
         raise InvalidArgument(f"bandwidth limit {value!r} is below 1 KiB/s")
-    return rate
+    return float(rate)
 
 
 class _PinnedConnection(http.client.HTTPSConnection):

@@ -9,8 +9,9 @@ import subprocess
 import click
 
 from appliance.restore_requests import any_ticket_required
+from appliance.units import parse_size
 from fusefs.mount import MountError, MountOptions, mount
-from repo.errors import TicketRefused
+from repo.errors import InvalidArgument, TicketRefused
 from repo.repository import Repository, default_cache_root
 
 from . import cli
@@ -24,10 +25,10 @@ from .ticket import gate, ticket_option
 @click.option("--snapshot", "-s", "snapshot", metavar="ID",
               help="Mount only this restore point at the root (id prefix, `latest` or `HOST@latest`).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs on stderr; Ctrl-C unmounts).")
-@click.option("--cache-size", type=click.IntRange(min=8), default=256, show_default=True, metavar="MB",
-              help="Memory for decompressed chunks, in MiB.")
+@click.option("--cache-size", default="256M", show_default=True, metavar="SIZE",
+              help="Memory for decompressed chunks: 512M, 2G, ... (a plain number is MiB; at least 8M).")
 @ticket_option
-def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool, cache_size: int,
+def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool, cache_size: str,
               ticket: str | None) -> None:
     """Mount the repository's restore points read-only at MOUNTPOINT.
 
@@ -44,6 +45,9 @@ def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool,
     When a tenant's policy requires authorized restores, its restore points are mounted one at a
     time with --snapshot ID --ticket SECRET (exit code 71 otherwise; see `ihb restore-request`).
     """
+    cache_bytes = parse_size(cache_size, "--cache-size", unit=1 << 20)
+    if cache_bytes < 8 << 20:
+        raise InvalidArgument(f"--cache-size {cache_size!r} is below the 8 MiB a mount needs")
     cached: list[bytes | None] = []
 
     def passphrase() -> bytes | None:
@@ -69,7 +73,7 @@ def mount_cmd(ctx: Ctx, mountpoint: str, snapshot: str | None, foreground: bool,
         snapshot = snap.id  # the restore point the ticket was checked for, even if `latest` moves on
         auth = gate(ctx, snap, kind=("mount", "instant"), paths=[], target=os.path.abspath(mountpoint), ticket=ticket)
     opts = MountOptions(mountpoint=mountpoint, snapshot=snapshot, foreground=foreground,
-                        cache_bytes=cache_size * 1024 * 1024)
+                        cache_bytes=cache_bytes)
     mount(open_repo, opts)
     if auth is not None:
         auth.done("mounted")

@@ -235,7 +235,7 @@ def test_background_mount_and_umount(data: Data, fuse_ok: None, tmp_path: Path) 
     run = [sys.executable, "-m", "appliance.cli"]
     # Relative repository and mount point: the daemon changes directory to / and must not care.
     rel_env = {**env, "IHB_REPO": os.path.relpath(data.env.repo, tmp_path)}
-    res = subprocess.run([*run, "mount", "--cache-size", "16", "bg"], env=rel_env, cwd=tmp_path,
+    res = subprocess.run([*run, "mount", "--cache-size", "16M", "bg"], env=rel_env, cwd=tmp_path,
                          capture_output=True, timeout=60)
     try:
         assert res.returncode == 0, res.stderr.decode()
@@ -261,6 +261,11 @@ def test_background_mount_and_umount(data: Data, fuse_ok: None, tmp_path: Path) 
     missing = subprocess.run([*run, "mount", str(tmp_path / "nope")], env=env, cwd=ROOT, capture_output=True,
                              timeout=60)
     assert missing.returncode == 45 and b"create the directory first" in missing.stderr
+    for size, says in (("lots", b"use a number"), ("4M", b"below the 8 MiB")):
+        p = subprocess.run([*run, "mount", "--cache-size", size, str(mp)], env=env, cwd=ROOT, capture_output=True,
+                           timeout=60)
+        assert p.returncode == 2 and says in p.stderr and b"Traceback" not in p.stderr, p.stderr
+        assert mount_entry(str(mp)) is None
     notmounted = subprocess.run([*run, "umount", str(mp)], env=env, cwd=ROOT, capture_output=True, timeout=60)
     assert notmounted.returncode == 45 and b"cannot unmount" in notmounted.stderr
 
