@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import byte_compile, drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches, hold_host_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IHB = [sys.executable, "-c", "from appliance.cli import main; main()"]
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--agents", type=int, default=20)
     a = ap.parse_args()
+    print(hold_host_memory(), file=sys.stderr, flush=True)
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -42,7 +42,7 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import dataset  # noqa: E402
-from benchutil import byte_compile, drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches, hold_host_memory  # noqa: E402
 
 PASSPHRASE = "bench-passphrase-not-secret"
 MB = 1_000_000
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep dataset, repositories and restores of the last run")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     a = ap.parse_args(argv)
+    print(hold_host_memory(), file=sys.stderr, flush=True)
     for needed in ("/usr/bin/time", "mkfs.ext4", "debugfs"):
         if not shutil.which(needed):
             raise SystemExit(f"{needed} is missing (apt-get install time e2fsprogs)")

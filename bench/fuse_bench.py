@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchutil import busy_cpu_seconds, byte_compile, drop_caches  # noqa: E402
+from benchutil import busy_cpu_seconds, byte_compile, drop_caches, hold_host_memory  # noqa: E402
 
 from fusefs.mount import mount_entry  # noqa: E402
 
@@ -469,6 +469,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (data is reused next run)")
     ap.add_argument("--reuse", action="store_true", help="with --keep: reuse the repositories of the last run")
     args = ap.parse_args()
+    print(hold_host_memory(), file=sys.stderr, flush=True)
     Ihb.image_chunk_size = args.image_chunk_size
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
-from benchutil import byte_compile, drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches, hold_host_memory  # noqa: E402
 
 from tests.s3.stores import ACCESS_KEY, SECRET_KEY, CephRGW  # noqa: E402
 
@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--backends", default="local,ceph")
     ap.add_argument("--out", default=str(HERE / "out"))
     a = ap.parse_args()
+    print(hold_host_memory(), file=sys.stderr, flush=True)
     work = Path(a.work)
     for d in ("local-repo", "cache", "etc"):
         shutil.rmtree(work / d, ignore_errors=True)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
-from benchutil import byte_compile, drop_caches  # noqa: E402
+from benchutil import byte_compile, drop_caches, hold_host_memory  # noqa: E402
 
 from appliance.hypervisor.nbd import NBDClient  # noqa: E402
 from appliance.hypervisor.qmp import QMPClient  # noqa: E402
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--image-chunk-size", type=int, default=0, help="ihb init --image-chunk-size (default: ihb's)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
+    print(hold_host_memory(), file=sys.stderr, flush=True)
     tools = a.tools.split(",")
     size = int(a.size_gib * GiB) // EXTENT * EXTENT
     rnd = random.Random(a.seed)
