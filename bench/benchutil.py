@@ -67,6 +67,15 @@ def hold_host_memory(touch_gib: int = 4) -> str:
             f.write(old + "\n")
 
     atexit.register(restore)
+    touch_gib = min(touch_gib, available_gib() // 4)  # never crowd a small machine
     held = [bytearray(1 << 30) for _ in range(touch_gib)]  # zero-filled: every page touched, all at once
     del held
     return f"free page reporting to the host paused for the run (order {old} -> 11), {touch_gib} GiB touched first"
+
+
+def available_gib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) >> 20
+    return 0
