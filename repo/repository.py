@@ -486,6 +486,7 @@ class BlobWriter:
         self._up_pool: ThreadPoolExecutor | None = None
         self._commit_pool: ThreadPoolExecutor | None = None
         self._commit_failed = False
+        self._commit_error: BaseException | None = None  # the first pack that failed, as it failed
         # (index commit, upload, pack) per pack in flight, oldest first
         self._uploads: deque[tuple[Future[list[tuple[bytes, BlobLoc]]], Future[list[tuple[bytes, BlobLoc]]],
                                    PackWriter]] = deque()
@@ -587,10 +588,15 @@ class BlobWriter:
         try:
             entries = up.result()
             if self._commit_failed:  # an earlier pack is missing: later rows could point into it
-                raise IntegrityError("an earlier pack of this backup failed to upload; not indexing later ones")
+                # Its error again, not a vaguer one of our own: the backup's worker threads race to report
+                # one, and the user must see the cause (disk full: exit 30) whichever wins.
+                raise self._commit_error or IntegrityError("an earlier pack of this backup failed to upload; "
+                                                           "not indexing later ones")
             self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
             return entries
-        except BaseException:
+        except BaseException as e:
+            if self._commit_error is None:
+                self._commit_error = e
             self._commit_failed = True
             raise
 
