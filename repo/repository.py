@@ -573,7 +573,11 @@ class BlobWriter:
             self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
             self._pending.difference_update(bid for bid, _ in entries)
             return
-        self._wait_uploads_locked(self._up_max - 1)
+        try:
+            self._wait_uploads_locked(self._up_max - 1)
+        except BaseException:
+            pack.abort()  # in neither self._pack nor self._uploads now: abort() would not find its spool file
+            raise
         if self._up_pool is None or self._commit_pool is None:
             # Packs upload side by side (one at a time left the object store idle between packs), but
             # the index learns of them in order, on one thread: a pack's files-cache rows may name

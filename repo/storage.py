@@ -155,11 +155,15 @@ class LocalStorage:
 
     def _link_into_place(self, tmp: str, name: str) -> None:
         dest = self._path(name)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
         try:
+            # Inside the try: a full disk can refuse the directory too (tmpfs did), and the spool file
+            # must not outlive the failure (a leaked 1 MiB pack kept the disk full for the next backup).
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.link(tmp, dest)  # fails if dest exists: create-once semantics
         except FileExistsError:
             raise ObjectExists(f"object {name} already exists") from None
+        except OSError as e:
+            _raise_os(e, name)
         finally:
             os.unlink(tmp)
         _fsync_dir(os.path.dirname(dest))

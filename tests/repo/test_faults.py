@@ -182,6 +182,8 @@ def test_disk_full_keeps_repository_intact(tmp_path: Path) -> None:
         p = ihb("backup", str(src), env=env, check=False)
         assert p.returncode == 30, p.stderr
         assert "no space" in _no_traceback(p)
+        spool = mnt / "repo" / "tmp"
+        assert not (spool.exists() and os.listdir(spool)), f"the failed backup left spool files: {os.listdir(spool)}"
         assert len(json.loads(ihb("snapshots", "--json", env=env).stdout)) == 1
         assert ihb("check", "--read-data", env=env, check=False).returncode == 0
         (src / "huge").unlink()
