@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from repo.errors import InvalidArgument
 
 _MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -14,7 +16,7 @@ def parse_size(value: str, what: str, unit: int = 1) -> int:
     try:
         n = float(v[: len(v) - len(suffix)])
     except ValueError:
-        n = -1.0
-    if not n >= 0 or n != n or n == float("inf"):
+        n = math.nan
+    if not 0 <= n < math.inf:  # also false for NaN
         raise InvalidArgument(f"{what} {value!r}: use a number with an optional K, M, G or T suffix")
     return int(n * (_MULT[suffix] if suffix else unit))
