@@ -27,10 +27,6 @@ PAGE = fmt.IMAGE_MAP_PAGE
 #: Chunks go to a worker in batches of about this many bytes: per task (a Future, a queue hand-off, a
 #: thread wake-up) rather than per chunk, which at 64 KiB chunks cost more than hashing them.
 BATCH_BYTES = 1024 * 1024
-#: Stored bytes over new bytes at or above which recent data counts as incompressible (see
-#: ``ImageWriter.inline_incompressible``), and how many new bytes a judgement needs.
-INCOMPRESSIBLE_RATIO = 0.9
-JUDGE_BYTES = 2 * 1024 * 1024
 
 
 class _Slot:
@@ -89,16 +85,7 @@ class ImageWriter:
         self._batch_bytes = 0
         self._sealer: ThreadPoolExecutor | None = None
         self._pos = 0
-        self.stats = {"written": 0, "zero_chunks": 0, "data_chunks": 0, "base_reads": 0, "batches": 0,
-                      "inline_batches": 0}
-        #: Set by a caller that reads scattered blocks on the writing thread (an incremental). Data that
-        #: does not compress (encrypted guest volumes, media, random test data) is then hashed and sealed
-        #: on this thread: zstd gives up quickly on it, so two workers gain little and the GIL hand-offs
-        #: between three threads cost more (1,638 random 64 KiB blocks: copy 0.50-0.52 s inline against
-        #: 0.54-0.66 s with workers). Compressible data keeps the workers, zstd needs both cores.
-        self.inline_incompressible = False
-        self._inline = True  # until the first JUDGE_BYTES say otherwise: their results are at hand inline
-        self._judged = (0, 0)  # the writer's (new_bytes, stored_bytes) at the last judgement
+        self.stats = {"written": 0, "zero_chunks": 0, "data_chunks": 0, "base_reads": 0, "batches": 0}
 
     # --- pages ------------------------------------------------------------------------------------------
     def _goto_page(self, pno: int) -> None:
@@ -165,24 +152,9 @@ class ImageWriter:
         self._batch, self._batch_slots, self._batch_bytes = [], [], 0
         add = self.writer.add
         self.stats["batches"] += 1
-        if self._run_inline():
-            self.stats["inline_batches"] += 1
-            fut: Future[list[bytes]] = Future()
-            fut.set_result([add(fmt.BlobKind.DATA, d) for d in batch])
-        else:
-            fut = self.pipe.submit(lambda: [add(fmt.BlobKind.DATA, d) for d in batch])
+        fut = self.pipe.submit(lambda: [add(fmt.BlobKind.DATA, d) for d in batch])
         for slot in slots:
             slot.fut = fut
-
-    def _run_inline(self) -> bool:
-        """Judge the data stored since the last judgement (workers' stats lag by the batches in flight)."""
-        if not self.inline_incompressible:
-            return False
-        new, stored = self.writer.stats["new_bytes"], self.writer.stats["stored_bytes"]
-        if new - self._judged[0] >= JUDGE_BYTES:
-            self._inline = stored - self._judged[1] >= INCOMPRESSIBLE_RATIO * (new - self._judged[0])
-            self._judged = (new, stored)
-        return self._inline
 
     def _flush_chunk(self) -> None:
         if self._buf is not None:

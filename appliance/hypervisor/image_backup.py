@@ -64,7 +64,6 @@ def write_runs(iw: ImageWriter, source: DiskSource, runs: Iterable[tuple[int, in
     reads = source.read_many(data)
     if background:
         reads = in_background(reads, READ_AHEAD)
-    iw.inline_incompressible = not background
     read_bytes = zero_bytes = 0
     last = 0.0
     try:
