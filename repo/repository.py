@@ -485,8 +485,9 @@ class BlobWriter:
         self._up_max = int(getattr(repo.storage, "background_uploads", 0))
         self._up_pool: ThreadPoolExecutor | None = None
         self._commit_pool: ThreadPoolExecutor | None = None
-        self._commit_failed = False
-        self._commit_error: BaseException | None = None  # the first pack that failed, as it failed
+        #: Set once a pack failed to commit (its error, as it failed) or the backup was aborted: no later
+        #: pack reaches the index, since its rows could point into the missing one.
+        self._commit_error: BaseException | None = None
         # (index commit, upload, pack) per pack in flight, oldest first
         self._uploads: deque[tuple[Future[list[tuple[bytes, BlobLoc]]], Future[list[tuple[bytes, BlobLoc]]],
                                    PackWriter]] = deque()
@@ -591,17 +592,15 @@ class BlobWriter:
                      rows: list[tuple[bytes, bytes]]) -> list[tuple[bytes, BlobLoc]]:
         try:
             entries = up.result()
-            if self._commit_failed:  # an earlier pack is missing: later rows could point into it
-                # Its error again, not a vaguer one of our own: the backup's worker threads race to report
-                # one, and the user must see the cause (disk full: exit 30) whichever wins.
-                raise self._commit_error or IntegrityError("an earlier pack of this backup failed to upload; "
-                                                           "not indexing later ones")
+            if self._commit_error is not None:
+                # The earlier error again, not a vaguer one of our own: the backup's worker threads race
+                # to report one, and the user must see the cause (disk full: exit 30) whichever wins.
+                raise self._commit_error
             self.repo.index.add_pack(pack.pack_id, pack.size, entries, rows)
             return entries
         except BaseException as e:
             if self._commit_error is None:
                 self._commit_error = e
-            self._commit_failed = True
             raise
 
     def _wait_uploads_locked(self, keep: int) -> None:
@@ -621,7 +620,8 @@ class BlobWriter:
             if self._pack is not None:
                 self._pack.abort()
                 self._pack = None
-            self._commit_failed = True  # nothing more reaches the index
+            if self._commit_error is None:  # nothing more reaches the index
+                self._commit_error = IntegrityError("the backup was aborted; its later packs are not indexed")
             while self._uploads:
                 commit, up, pack = self._uploads.popleft()
                 if up.cancel():
