@@ -354,7 +354,7 @@ class GuestVM:
         ]
 
     def wait_serial(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
-        """Wait until the serial log matches ``pattern`` (a regular expression); the match.
+        """Wait until the serial log's complete lines match ``pattern`` (a regular expression); the match.
 
         Fails fast when QEMU exits without printing it.
         """
@@ -362,7 +362,10 @@ class GuestVM:
         deadline = time.monotonic() + timeout
         while True:
             exited = not self.alive()  # read after checking, so the last output counts
-            m = rx.search(self.serial_text())
+            text = self.serial_text()
+            if not exited:  # complete lines only: a line still arriving matched with its capture cut short
+                text = text[: text.rfind("\n") + 1]
+            m = rx.search(text)
             if m:
                 return m
             if exited:
